@@ -1,0 +1,160 @@
+"""Interleaved timing and the results table shared by every benchmark.
+
+Why interleaved: on a shared or loaded machine the speed of the CPU drifts over seconds
+(other jobs, frequency scaling, caches). Timing contender A for a minute and then B for a
+minute puts that drift into the ratio. Here every contender runs one block of ``steps``
+calls in turn (A, B, C, A, B, C, ... for ``rounds`` rounds, after a warm-up), so each
+round's blocks see nearly the same machine, and the reported ratio is the ratio of the
+per-round medians, with the min-max of the paired per-round ratios as its spread.
+
+Garbage: ``gc.collect()`` runs before every block, outside the timer, so that one
+contender's leftover cyclic garbage is not collected on another's clock; the automatic
+collector stays on inside the block, as it is in a training loop.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+DEFAULT_THREADS = 1
+"""One intra-op thread by default: on a 2-core machine shared with another job, two
+OpenMP threads stall at every op's barrier whenever one is descheduled (measured here:
+ELBO steps 3-4x slower, Pyro's SVI step ~50x slower than with one thread). Pass
+``--threads`` on an idle machine."""
+
+
+def set_threads(threads: Optional[int] = None) -> Tuple[int, int]:
+    """Fix torch's intra-op threads (default ``DEFAULT_THREADS``); return ``(intra, inter)``."""
+    torch.set_num_threads(threads or DEFAULT_THREADS)
+    return torch.get_num_threads(), torch.get_num_interop_threads()
+
+
+def interleaved(
+    contenders: Dict[str, Callable[[], object]],
+    *,
+    rounds: int,
+    steps: Union[int, Dict[str, int]],
+    warmup: int,
+) -> Dict[str, List[float]]:
+    """Time ``contenders`` round-robin; return each one's per-round mean seconds per call.
+
+    ``steps`` is the number of calls per block, or a dict of them per contender (a slow
+    reference may get fewer calls per block; its time is still per call).
+    """
+    steps = steps if isinstance(steps, dict) else {name: steps for name in contenders}
+    for fn in contenders.values():
+        for _ in range(warmup):
+            fn()
+    out: Dict[str, List[float]] = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            gc.collect()
+            n = steps[name]
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            out[name].append((time.perf_counter() - t0) / n)
+    return out
+
+
+@dataclass(frozen=True)
+class Target:
+    """``ratio <op> bound``, e.g. ``Target("<=", 1.15)``."""
+
+    op: str
+    bound: float
+
+    def ok(self, ratio: float) -> bool:
+        return ratio <= self.bound if self.op == "<=" else ratio >= self.bound
+
+    def __str__(self) -> str:
+        return f"{self.op} {self.bound:g}"
+
+
+@dataclass
+class Row:
+    """One line of the results table."""
+
+    benchmark: str
+    contender: str
+    value: float  # in ``unit``
+    unit: str
+    ratio: Optional[float] = None  # to the reference (raw torch) contender
+    spread: Optional[Tuple[float, float]] = None  # min-max of the per-round ratios
+    target: Optional[Target] = None
+    note: str = ""
+
+    @property
+    def status(self) -> str:
+        if self.target is None or self.ratio is None:
+            return ""
+        return "PASS" if self.target.ok(self.ratio) else "MISS"
+
+
+def time_rows(
+    benchmark: str,
+    per_round: Dict[str, List[float]],
+    *,
+    reference: str = "raw",
+    targets: Optional[Dict[str, Target]] = None,
+    notes: Optional[Dict[str, str]] = None,
+) -> List[Row]:
+    """Rows of median ms per call and ``ratio = median(c) / median(reference)``."""
+    targets, notes = targets or {}, notes or {}
+    ref = per_round[reference]
+    ref_med = statistics.median(ref)
+    rows = []
+    for name, times in per_round.items():
+        med = statistics.median(times)
+        row = Row(benchmark, name, med * 1e3, "ms/step", note=notes.get(name, ""))
+        if name != reference:
+            paired = [t / r for t, r in zip(times, ref)]
+            row.ratio = med / ref_med
+            row.spread = (min(paired), max(paired))
+            row.target = targets.get(name)
+        else:
+            row.ratio = 1.0
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    header = ("benchmark", "contender", "median", "unit", "ratio to raw", "per-round ratio min-max", "target", "result")
+    lines = []
+    for r in rows:
+        spread = f"{r.spread[0]:.3f}-{r.spread[1]:.3f}" if r.spread else ""
+        ratio = f"{r.ratio:.3f}" if r.ratio is not None else ""
+        result = r.status
+        if r.note:
+            result = f"{result} ({r.note})" if result else f"({r.note})"
+        lines.append((r.benchmark, r.contender, _fmt(r.value), r.unit, ratio, spread, str(r.target or ""), result))
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+    sep = "-+-".join("-" * w for w in widths)
+
+    def fmt(cells):
+        return " | ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+    return "\n".join([fmt(header), sep, *(fmt(line) for line in lines)])
+
+
+def _fmt(v: float) -> str:
+    if v >= 1000:
+        return f"{v:,.0f}"
+    if v >= 10:
+        return f"{v:.1f}"
+    return f"{v:.3f}"
+
+
+def misses(rows: Sequence[Row]) -> List[Row]:
+    return [r for r in rows if r.status == "MISS"]
+
+
+def banner(text: str) -> str:
+    bar = "!" * (len(text) + 8)
+    return f"{bar}\n!!! {text} !!!\n{bar}"

@@ -1,0 +1,1 @@
+"""What users run: datasets, the ``dgm`` command, reproducible experiments and reports."""

@@ -1,0 +1,249 @@
+"""The ``dgm`` command: the only place that parses arguments.
+
+    dgm list
+    dgm train MODEL --data mnist --objective iwae --k 5 --guide amortized --epochs 20
+    dgm eval RUN --estimator is --k 5000
+    dgm sample RUN [--n 64] [--out FILE]
+    dgm compare RUN [RUN ...]
+    dgm reproduce quickstart
+
+Errors a user can fix are printed as one line (``dgm: error: ...``), not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from models.base import DGMError
+
+DEFAULT_RUNS = Path("runs")
+
+
+def _parse_option(text: str):
+    if "=" not in text:
+        raise DGMError(f"--opt expects key=value, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        parsed = value
+    if isinstance(parsed, list):
+        parsed = tuple(parsed)
+    return key, parsed
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    from inference.runner import TrainConfig
+
+    d = TrainConfig()
+    p.add_argument("model", help="model name (see `dgm list`)")
+    p.add_argument("--data", default="mnist-embedded", help="dataset name (see `dgm list`)")
+    p.add_argument("--binarization", default="dynamic", choices=["dynamic", "static", "none"])
+    p.add_argument("--split", default="59600/400", choices=["59600/400", "50000/10000"])
+    p.add_argument("--preset", default=None, help="named model configuration (see `dgm list`)")
+    p.add_argument(
+        "--opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one model option, e.g. --opt latent_dim=20 (repeatable)",
+    )
+    p.add_argument("--objective", default="elbo", choices=["elbo", "elbo-sf", "iwae"])
+    p.add_argument("--k", type=int, default=1, help="samples per datapoint in the objective")
+    p.add_argument("--analytic-kl", action="store_true", help="closed-form KL in the ELBO where available")
+    p.add_argument(
+        "--baseline",
+        default="average",
+        choices=["none", "average", "neural"],
+        help="baseline of the score-function ELBO",
+    )
+    p.add_argument("--guide", default="amortized", choices=["amortized", "local"])
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device, help="auto, cpu or cuda")
+    p.add_argument("--patience", type=int, default=None, help="early stopping after this many bad epochs")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument(
+        "--checkpoint-seconds",
+        type=float,
+        default=d.checkpoint_seconds,
+        help="checkpoint at least this often (and at every epoch end)",
+    )
+    p.add_argument("--eval-estimator", default="auto", choices=["auto", "exact", "naive", "is"])
+    p.add_argument("--eval-k", type=int, default=d.eval_k, help="samples per test point for log p(x)")
+    p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N test points")
+    p.add_argument(
+        "--run-dir",
+        type=Path,
+        default=None,
+        help="run directory (default runs/<model>-<data>-<objective>...); an existing one resumes",
+    )
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _spec_from_args(a: argparse.Namespace):
+    from experiments.runs import RunSpec
+    from inference.runner import TrainConfig
+
+    train = TrainConfig(
+        epochs=a.epochs,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        seed=a.seed,
+        device=a.device,
+        patience=a.patience,
+        max_steps=a.max_steps,
+        log_every=a.log_every,
+        checkpoint_seconds=a.checkpoint_seconds,
+        eval_estimator=a.eval_estimator,
+        eval_k=a.eval_k,
+        eval_limit=a.eval_limit,
+        progress=not a.no_progress,
+    )
+    return RunSpec(
+        model=a.model,
+        preset=a.preset,
+        options=dict(_parse_option(o) for o in a.opt),
+        data=a.data,
+        binarization=a.binarization,
+        split=a.split,
+        objective=a.objective,
+        k=a.k,
+        analytic_kl=a.analytic_kl,
+        baseline=a.baseline,
+        guide=a.guide,
+        train=train,
+    )
+
+
+def default_run_dir(spec) -> Path:
+    k = f"{spec.k}" if spec.k > 1 or spec.objective == "iwae" else ""
+    preset = f"-{spec.preset}" if spec.preset else ""
+    return DEFAULT_RUNS / f"{spec.model}{preset}-{spec.data}-{spec.objective}{k}-{spec.guide}-s{spec.train.seed}"
+
+
+def cmd_list(a) -> None:
+    from experiments.data import DATASETS
+    from experiments.reproduce import EXPERIMENTS
+    from inference.estimators import METHODS
+    from inference.guides import GUIDES
+    from inference.objectives import OBJECTIVES
+    from models import REGISTRY
+
+    print("models:")
+    for name, cls in sorted(REGISTRY.items()):
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        presets = f" (presets: {', '.join(sorted(cls.presets))})" if cls.presets else ""
+        print(f"  {name:12s} {doc}{presets}")
+    print("datasets:")
+    for name, doc in DATASETS.items():
+        print(f"  {name:14s} {doc}")
+    print("objectives:")
+    for name, doc in OBJECTIVES.items():
+        print(f"  {name:12s} {doc}")
+    print(f"guides:      {', '.join(GUIDES)}")
+    print(f"estimators:  {', '.join(METHODS)}")
+    print("experiments (dgm reproduce NAME):")
+    for name, exp in EXPERIMENTS.items():
+        print(f"  {name:12s} {exp.description}")
+
+
+def cmd_train(a) -> None:
+    from experiments.runs import train_run
+
+    spec = _spec_from_args(a)
+    run_dir = a.run_dir or default_run_dir(spec)
+    summary = train_run(spec, run_dir)
+    t = summary["test"]
+    print(f"run: {run_dir}")
+    print(
+        f"test NLL {t['nll']:.2f} ± {t['nll_stderr']:.2f} nats ({t['estimator']}, K={t['K']}, n={t['n']})"
+        + (f", test ELBO {t['elbo']:.2f}" if "elbo" in t and t["elbo"] == t["elbo"] else "")
+    )
+
+
+def cmd_eval(a) -> None:
+    from experiments.runs import evaluate_run
+
+    result = evaluate_run(a.run, estimator=a.estimator, k=a.k, limit=a.limit, split=a.split)
+    print(json.dumps(result, indent=2))
+
+
+def cmd_sample(a) -> None:
+    from experiments.plots import save_samples
+    from experiments.runs import load_run
+
+    _, runner, data = load_run(a.run)
+    out = a.out or Path(a.run) / "samples.png"
+    save_samples(runner.model, data.spec, out, n=a.n)
+    print(f"wrote {out}")
+
+
+def cmd_compare(a) -> None:
+    from experiments.runs import compare
+
+    print(compare(a.runs))
+
+
+def cmd_reproduce(a) -> None:
+    from experiments.reproduce import reproduce
+
+    print(reproduce(a.name, out=a.out, device=a.device, tiny=a.tiny))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dgm", description="pyro-dgm: deep generative models as Pyro programs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="models, datasets, objectives, guides, estimators, experiments").set_defaults(
+        fn=cmd_list
+    )
+    p = sub.add_parser("train", help="train a model (resumes an existing run directory)")
+    _add_train_args(p)
+    p.set_defaults(fn=cmd_train)
+    p = sub.add_parser("eval", help="estimate log p(x) of a trained run")
+    p.add_argument("run", type=Path)
+    p.add_argument("--estimator", default="auto", choices=["auto", "exact", "naive", "is"])
+    p.add_argument("--k", type=int, default=1000)
+    p.add_argument("--limit", type=int, default=None, help="first N datapoints only")
+    p.add_argument("--split", default="test", choices=["test", "val"])
+    p.set_defaults(fn=cmd_eval)
+    p = sub.add_parser("sample", help="draw samples from a trained run into a PNG")
+    p.add_argument("run", type=Path)
+    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--out", type=Path, default=None)
+    p.set_defaults(fn=cmd_sample)
+    p = sub.add_parser("compare", help="a table of finished runs")
+    p.add_argument("runs", type=Path, nargs="+")
+    p.set_defaults(fn=cmd_compare)
+    p = sub.add_parser("reproduce", help="run a named experiment end to end")
+    p.add_argument("name")
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--tiny", action="store_true", help="a few steps of every run, to check the pipeline")
+    p.set_defaults(fn=cmd_reproduce)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except DGMError as e:
+        print(f"dgm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dgm: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""Run directories: build a model, data and objective from one ``RunSpec``, train through
+the runner, and read finished runs back.
+
+A run directory holds ``config.json`` (the spec), ``metrics.jsonl``, ``checkpoint.pt``,
+``best.pt`` (best validation weights), ``samples.png`` and ``summary.json``. Training into
+an existing directory with the same spec resumes from its checkpoint; a different spec is
+refused, so two experiments never mix in one directory.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from experiments import data as datasets
+from experiments.plots import save_samples
+from inference.objectives import make_objective
+from inference.runner import Runner, TrainConfig
+from models import REGISTRY
+from models.base import DGMError, GenerativeModel
+
+
+@dataclass
+class RunSpec:
+    """Everything that defines a run; written to ``config.json``."""
+
+    model: str = "vae"
+    preset: Optional[str] = None
+    options: Dict[str, Any] = field(default_factory=dict)  # overrides of the model config
+    data: str = "mnist-embedded"
+    binarization: str = "dynamic"
+    split: str = "59600/400"
+    objective: str = "elbo"  # elbo | elbo-sf | iwae
+    k: int = 1
+    analytic_kl: bool = False
+    baseline: str = "average"  # elbo-sf: none | average | neural
+    guide: str = "amortized"
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_json(d: dict) -> "RunSpec":
+        d = dict(d)
+        known = {f.name for f in fields(TrainConfig)}
+        d["train"] = TrainConfig(**{k: v for k, v in d.get("train", {}).items() if k in known})
+        return RunSpec(**d)
+
+
+def build_model(spec: RunSpec, data_spec) -> GenerativeModel:
+    if spec.model not in REGISTRY:
+        raise DGMError(f"unknown model {spec.model!r}; `dgm list` shows the models ({', '.join(sorted(REGISTRY))})")
+    cls = REGISTRY[spec.model]
+    config = None
+    if cls.config_class is not None:
+        if spec.preset is not None and spec.preset not in cls.presets:
+            raise DGMError(f"unknown preset {spec.preset!r} for {spec.model}; choose from {sorted(cls.presets)}")
+        config = cls.presets[spec.preset] if spec.preset else cls.config_class()
+        valid = {f.name: f for f in fields(cls.config_class)}
+        for key in spec.options:
+            if key not in valid:
+                raise DGMError(f"{spec.model} has no option {key!r}; options: {', '.join(valid)}")
+        config = replace(config, **spec.options)
+    elif spec.options or spec.preset:
+        raise DGMError(f"{spec.model} takes no options or presets")
+    return cls(data_spec, config)
+
+
+def build(spec: RunSpec, run_dir: Optional[Path] = None) -> Tuple[Runner, Any]:
+    """Data, model, objective and runner for ``spec``."""
+    data = datasets.load(spec.data, binarization=spec.binarization, split=spec.split, seed=spec.train.seed)
+    torch.manual_seed(spec.train.seed)
+    model = build_model(spec, data.spec)
+    objective = make_objective(
+        spec.objective, spec.k, analytic_kl=spec.analytic_kl, baseline=spec.baseline, input_dim=data.spec.dim
+    )
+    runner = Runner(model, data, objective, guide=spec.guide, config=spec.train, run_dir=run_dir)
+    return runner, data
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+def train_run(spec: RunSpec, run_dir: Path) -> dict:
+    """Train (or resume) the run in ``run_dir``, evaluate it and write ``summary.json``."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.json"
+    if config_path.exists():
+        old = json.loads(config_path.read_text())
+        if old != json.loads(json.dumps(spec.to_json(), default=str)):
+            raise DGMError(
+                f"{run_dir} holds a run with a different configuration; choose another --run-dir "
+                "or delete it (resuming needs the same command)"
+            )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(config_path, spec.to_json())
+    runner, data = build(spec, run_dir)
+    t0 = time.time()
+    progress = runner.fit()
+    summary = {
+        "model": spec.model,
+        "preset": spec.preset,
+        "data": data.describe(),
+        "objective": spec.objective,
+        "k": spec.k,
+        "guide": spec.guide,
+        "epochs": progress["epoch"],
+        "steps": progress["step"],
+        "train_seconds": round(progress["train_seconds"], 2),
+        "device": str(runner.device),
+        "best_val_bound": progress["best_val"],
+        "test": runner.evaluate(),
+        "wall_seconds": round(time.time() - t0, 2),
+    }
+    if data.spec.image_shape is not None or data.spec.dim == 2:
+        save_samples(runner.model, data.spec, run_dir / "samples.png")
+    _write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+def load_run(run_dir: Path) -> Tuple[RunSpec, Runner, Any]:
+    """Rebuild a finished (or interrupted) run with its latest weights."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").exists():
+        raise DGMError(f"{run_dir} is not a run directory (no config.json); train one with `dgm train`")
+    spec = RunSpec.from_json(json.loads((run_dir / "config.json").read_text()))
+    runner, data = build(spec, run_dir)
+    runner.fit() if (run_dir / "checkpoint.pt").exists() and _done(run_dir) else _load_weights(runner, run_dir)
+    return spec, runner, data
+
+
+def _done(run_dir: Path) -> bool:
+    return bool(torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False).get("done"))
+
+
+def _load_weights(runner: Runner, run_dir: Path) -> None:
+    path = run_dir / "checkpoint.pt"
+    if not path.exists():
+        raise DGMError(f"{run_dir} has no checkpoint yet; train it first")
+    state = torch.load(path, map_location=runner.device, weights_only=False)
+    runner.model.load_state_dict(state["model"])
+    if runner.guide_module is not None and state.get("guide") is not None:
+        runner.guide_module.load_state_dict(state["guide"])
+
+
+def evaluate_run(
+    run_dir: Path, estimator: str = "auto", k: int = 1000, limit: Optional[int] = None, split: str = "test"
+) -> dict:
+    spec, runner, data = load_run(run_dir)
+    runner.config = replace(runner.config, eval_limit=limit)
+    x = getattr(data, split)
+    result = runner.evaluate(x, estimator=estimator, k=k)
+    result["split"] = split
+    name = f"eval_{result['estimator']}_K{result['K']}_{split}{'' if limit is None else f'_n{limit}'}.json"
+    _write_json(Path(run_dir) / name, result)
+    return result
+
+
+COLUMNS = [
+    ("model", lambda s: s["model"] + (f"[{s['preset']}]" if s.get("preset") else "")),
+    ("objective", lambda s: f"{s['objective']}" + (f" K={s['k']}" if s["objective"] == "iwae" else "")),
+    ("guide", lambda s: s["guide"]),
+    ("epochs", lambda s: str(s["epochs"])),
+    ("train s", lambda s: f"{s['train_seconds']:.0f}"),
+    ("test NLL", lambda s: f"{s['test']['nll']:.2f} ± {s['test']['nll_stderr']:.2f}"),
+    ("estimator", lambda s: s["test"]["estimator"] + (f" K={s['test']['K']}" if s["test"]["K"] else "")),
+    ("test ELBO", lambda s: f"{s['test']['elbo']:.2f}" if s["test"].get("elbo") == s["test"].get("elbo") else "-"),
+    ("active units", lambda s: str(s["test"].get("active_units", "-"))),
+    ("k-hat>0.7", lambda s: f"{s['test']['khat_frac_above_0.7']:.1%}" if s["test"]["K"] else "-"),
+]
+
+
+def compare(run_dirs: List[Path]) -> str:
+    """A Markdown table of finished runs' summaries."""
+    rows = []
+    for d in run_dirs:
+        path = Path(d) / "summary.json"
+        if not path.exists():
+            raise DGMError(f"{d} has no summary.json; is the run finished?")
+        rows.append(json.loads(path.read_text()))
+    header = "| run | " + " | ".join(c for c, _ in COLUMNS) + " |"
+    lines = [header, "|" + "---|" * (len(COLUMNS) + 1)]
+    for d, s in zip(run_dirs, rows):
+        lines.append(f"| {Path(d).name} | " + " | ".join(f(s) for _, f in COLUMNS) + " |")
+    data_lines = sorted({s["data"] for s in rows})
+    return "\n".join(lines) + "\n\nData: " + "; ".join(data_lines) + "\n"

@@ -1,0 +1,1 @@
+"""Fitting and evaluating models; knows nothing about particular models."""

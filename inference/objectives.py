@@ -1,0 +1,309 @@
+"""Training objectives: one log-weight computation, different reductions.
+
+Every objective computes ``LogWeights`` (``inference.logweights``) and overrides one hook,
+``reduce``, which turns the ``[K, B]`` log-weights into a per-datapoint bound ``[B]`` and a
+surrogate with the same value whose gradient is the estimator's gradient (pathwise terms
+plus score-function terms of non-reparameterized sites). The loss is
+``-(N / B) * sum_b surrogate_b``.
+
+* ``ELBO``: ``mean_k log w`` (Kingma & Welling 2014); ``analytic_kl=True`` replaces
+  ``log p(z) - log q(z)`` by ``-KL(q || p)`` where a closed form exists.
+* ``ScoreFunctionELBO``: the same bound, with every guide sample detached so guide
+  gradients come from the score function ``(log w - b) * grad log q`` only (Williams 1992;
+  Mnih & Gregor 2014 for the baselines). Baselines: a decaying average of the learning
+  signal, plus an optional neural baseline ``b(x)`` fitted by least squares.
+* ``IWAE``: ``logsumexp_k log w - log K`` per datapoint (Burda et al. 2016); for K = 1 it
+  is the ELBO. Equal to Pyro's ``RenyiELBO(alpha=0)`` for a batch of one datapoint; for
+  larger batches Pyro sums the batch before the logsumexp, a looser joint bound.
+
+They subclass ``pyro.infer.ELBO``, so ``pyro.infer.SVI(model, guide, optim, IWAE(K))``
+works, and they also give ``loss_terms`` (loss plus per-term diagnostics) to our runner.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, List, Optional, Tuple
+
+import pyro
+import pyro.infer
+import torch
+from torch import Tensor, nn
+
+from inference.logweights import LogWeights, compute_log_weights
+from models.base import DGMError
+
+Terms = Dict[str, Tensor]
+
+
+class LogWeightObjective(pyro.infer.ELBO):
+    """Base class: subclasses override ``reduce`` (and optionally ``aux_loss``)."""
+
+    force_score_function = False
+    analytic_kl = False
+
+    def __init__(self, num_particles: int = 1, max_plate_nesting: Optional[int] = None):
+        if num_particles < 1:
+            raise ValueError(f"num_particles must be >= 1, got {num_particles}")
+        super().__init__(num_particles=num_particles, vectorize_particles=True)
+        self.model_plates = max_plate_nesting
+
+    # --- the hooks -------------------------------------------------------------------
+    def per_datapoint(self, lw: LogWeights) -> Tensor:
+        """The bound per datapoint ``[B]`` (differentiable through reparameterized sites)."""
+        raise NotImplementedError
+
+    def learning_signal(self, lw: LogWeights, bound: Tensor) -> Tensor:
+        """``[K, B]`` weights of the score-function terms ``grad log q(z_kb | x_b)``."""
+        raise NotImplementedError
+
+    def aux_loss(self, lw: LogWeights, args: tuple, train: bool) -> Optional[Tensor]:
+        """A loss for auxiliary parameters (baselines); added with zero value."""
+        return None
+
+    def reduce(self, lw: LogWeights) -> Tuple[Tensor, Tensor]:
+        """``(bound [B], surrogate [B])``: the surrogate has the bound's value and the
+        estimator's gradient (pathwise plus score-function terms)."""
+        bound = self.per_datapoint(lw)
+        if not lw.has_sf:
+            return bound, bound
+        sf = (self.learning_signal(lw, bound).detach() * lw.log_q_sf).sum(0)
+        return bound, bound + (sf - sf.detach())
+
+    # --- shared machinery -------------------------------------------------------------
+    def log_weights(self, model: Callable, guide: Optional[Callable], *args, **kwargs) -> LogWeights:
+        if self.model_plates is None:
+            self.model_plates = _guess_plates(model, guide, args, kwargs)
+        return compute_log_weights(
+            model,
+            guide,
+            args,
+            kwargs,
+            num_particles=self.num_particles,
+            max_plate_nesting=self.model_plates,
+            force_score_function=self.force_score_function,
+            analytic_kl=self.analytic_kl,
+        )
+
+    def loss_terms(self, model, guide, *args, train: bool = True, **kwargs) -> Tuple[Tensor, Terms]:
+        """Differentiable loss and detached per-term means (per datapoint, in nats)."""
+        lw = self.log_weights(model, guide, *args, **kwargs)
+        bound, surrogate = self.reduce(lw)
+        loss = -lw.scale * surrogate.sum()
+        aux = self.aux_loss(lw, args, train)
+        if aux is not None:
+            loss = loss + (aux - aux.detach())
+        kl = lw.log_q - lw.log_prior if lw.kl is None else lw.kl - lw.kl_free_log_ratio
+        terms = {
+            "bound": bound.detach().mean(),
+            "recon": -lw.log_lik.detach().mean(),
+            "kl": kl.detach().mean(),
+        }
+        return loss, terms
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:
+        return self.loss_terms(model, guide, *args, **kwargs)[0]
+
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        with torch.no_grad():
+            return self.loss_terms(model, guide, *args, train=False, **kwargs)[0].item()
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        loss = self.differentiable_loss(model, guide, *args, **kwargs)
+        loss.backward()
+        return loss.item()
+
+    def bound(self, model, guide, *args, **kwargs) -> Tensor:
+        """The per-datapoint bound ``[B]`` without gradients (for evaluation)."""
+        with torch.no_grad():
+            return self.per_datapoint(self.log_weights(model, guide, *args, **kwargs))
+
+    def _get_trace(self, model, guide, args, kwargs):
+        raise NotImplementedError("log-weight objectives build their own traces")
+
+    # --- auxiliary state (baselines) for the runner's optimizer and checkpoints --------
+    def modules(self) -> List[nn.Module]:
+        return []
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def _guess_plates(model, guide, args, kwargs) -> int:
+    """Count the model's vectorized plates by running the pair once (as Pyro's ELBO does),
+    without consuming the caller's random stream."""
+    with pyro.poutine.block(), torch.random.fork_rng(devices=[]):
+        guide_trace = pyro.poutine.trace(guide).get_trace(*args, **kwargs) if guide else None
+        fn = pyro.poutine.replay(model, trace=guide_trace) if guide_trace else model
+        model_trace = pyro.poutine.trace(fn).get_trace(*args, **kwargs)
+    dims = [
+        frame.dim
+        for trace in (model_trace, guide_trace)
+        if trace is not None
+        for site in trace.nodes.values()
+        if site["type"] == "sample"
+        for frame in site["cond_indep_stack"]
+        if frame.vectorized
+    ]
+    return -min(dims) if dims else 0
+
+
+class ELBO(LogWeightObjective):
+    """Evidence lower bound ``E_q[log p(x, z) - log q(z | x)]`` averaged over K particles.
+
+    Non-reparameterizable guide sites get the plain score-function term with the
+    per-datapoint learning signal (no baseline); use ``ScoreFunctionELBO`` for baselines.
+    """
+
+    def __init__(self, num_particles: int = 1, analytic_kl: bool = False, **kwargs):
+        super().__init__(num_particles, **kwargs)
+        self.analytic_kl = analytic_kl
+
+    def per_datapoint(self, lw: LogWeights) -> Tensor:
+        per_particle = lw.log_w if lw.kl is None else lw.log_lik + lw.kl_free_log_ratio - lw.kl
+        return per_particle.mean(0)
+
+    def reduce(self, lw: LogWeights) -> Tuple[Tensor, Tensor]:
+        bound, surrogate = super().reduce(lw)
+        if lw.has_sf:
+            # For the ELBO, E_q[grad log q(z)] = 0: drop the direct gradient of -log q at
+            # score-function sites, as Pyro's TraceGraph_ELBO does (not so for IWAE, where
+            # the same term is weighted by the normalized weights and has non-zero mean).
+            direct = lw.log_q_sf.mean(0)
+            surrogate = surrogate + (direct - direct.detach())
+        return bound, surrogate
+
+    def learning_signal(self, lw: LogWeights, bound: Tensor) -> Tensor:
+        return lw.log_w / lw.num_particles
+
+
+class ScoreFunctionELBO(ELBO):
+    """ELBO whose guide gradients use only the score function, with variance-reducing
+    baselines (NVIL, Mnih & Gregor 2014):
+
+    ``grad = E_q[(log w - b(x) - c) * grad log q(z | x)] + E_q[grad log p(x, z)]``
+
+    where ``c`` is a decaying average of the learning signal (``decay``) and ``b(x)`` an
+    optional neural baseline (an MLP on the flattened datapoint) trained to minimise
+    ``(log w - c - b(x))^2``. Both keep the gradient unbiased since they do not depend on z.
+    """
+
+    force_score_function = True
+
+    def __init__(
+        self,
+        num_particles: int = 1,
+        decay: Optional[float] = 0.9,
+        neural_baseline: bool = False,
+        input_dim: Optional[int] = None,
+        hidden: int = 100,
+        **kwargs,
+    ):
+        super().__init__(num_particles, **kwargs)
+        self.decay = decay
+        self.average = None
+        self.net = None
+        if neural_baseline:
+            if input_dim is None:
+                raise ValueError("a neural baseline needs input_dim (the flattened data size)")
+            self.net = nn.Sequential(nn.Linear(input_dim, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+            nn.init.zeros_(self.net[-1].weight)
+            nn.init.zeros_(self.net[-1].bias)
+        self._x = None
+        self._train = False
+
+    def loss_terms(self, model, guide, *args, train: bool = True, **kwargs):
+        self._x = args[0] if args else kwargs.get("x")
+        self._train = train
+        if self.net is not None:
+            pyro.module("sf_baseline", self.net)  # lets pyro.infer.SVI find its parameters
+        try:
+            return super().loss_terms(model, guide, *args, train=train, **kwargs)
+        finally:
+            self._x = None
+
+    def _neural(self) -> Optional[Tensor]:
+        if self.net is None:
+            return None
+        x = self._x.reshape(self._x.shape[0], -1).to(next(self.net.parameters()).dtype)
+        return self.net(x).squeeze(-1)
+
+    def learning_signal(self, lw: LogWeights, bound: Tensor) -> Tensor:
+        signal = lw.log_w.detach()
+        if self.decay is not None:
+            mean = signal.mean()
+            if self.average is None:
+                self.average = mean.clone()
+            signal = signal - self.average
+            if self._train:
+                self.average = self.decay * self.average + (1 - self.decay) * mean
+        neural = self._neural()
+        if neural is not None:
+            signal = signal - neural.detach()
+        return signal / lw.num_particles
+
+    def aux_loss(self, lw: LogWeights, args: tuple, train: bool) -> Optional[Tensor]:
+        neural = self._neural()
+        if neural is None or not train:
+            return None
+        target = lw.log_w.detach() - (0.0 if self.average is None else self.average)
+        return ((target - neural) ** 2).mean(0).sum()
+
+    def modules(self) -> List[nn.Module]:
+        return [self.net] if self.net is not None else []
+
+    def state_dict(self) -> dict:
+        state = {"average": self.average}
+        if self.net is not None:
+            state["net"] = self.net.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.average = state.get("average")
+        if self.net is not None and "net" in state:
+            self.net.load_state_dict(state["net"])
+
+
+class IWAE(LogWeightObjective):
+    """Importance-weighted bound ``log (1/K) sum_k w_k`` per datapoint (Burda et al. 2016).
+
+    ``E[IWAE_K] <= E[IWAE_2K] <= log p(x)``; ``IWAE_1`` is the ELBO. Non-reparameterized
+    sites get the score-function term ``IWAE_K(x) * sum_k grad log q(z_k)`` (no baseline;
+    VIMCO's leave-one-out baseline is the variance-reduced form).
+    """
+
+    def per_datapoint(self, lw: LogWeights) -> Tensor:
+        return torch.logsumexp(lw.log_w, dim=0) - math.log(lw.num_particles)
+
+    def learning_signal(self, lw: LogWeights, bound: Tensor) -> Tensor:
+        return bound.expand_as(lw.log_w)
+
+
+OBJECTIVES = {
+    "elbo": "ELBO, reparameterized gradients (analytic KL with --analytic-kl)",
+    "elbo-sf": "ELBO, score-function gradients for every guide site, with a baseline",
+    "iwae": "importance-weighted bound with K samples per datapoint",
+}
+BASELINES = ("none", "average", "neural")
+
+
+def make_objective(
+    name: str, k: int = 1, *, analytic_kl: bool = False, baseline: str = "average", input_dim: Optional[int] = None
+) -> LogWeightObjective:
+    """Build an objective from the names the ``dgm`` command takes."""
+    if k < 1:
+        raise DGMError(f"--k must be >= 1, got {k}")
+    if name == "elbo":
+        return ELBO(k, analytic_kl=analytic_kl)
+    if name == "elbo-sf":
+        if baseline not in BASELINES:
+            raise DGMError(f"unknown baseline {baseline!r}; choose from {', '.join(BASELINES)}")
+        return ScoreFunctionELBO(
+            k, decay=None if baseline == "none" else 0.9, neural_baseline=baseline == "neural", input_dim=input_dim
+        )
+    if name == "iwae":
+        return IWAE(k)
+    raise DGMError(f"unknown objective {name!r}; choose from {', '.join(OBJECTIVES)}")

@@ -1,0 +1,375 @@
+"""The one training and evaluation loop.
+
+The runner owns everything around the objective: device placement, seeding, the torch
+optimizer, minibatching (with per-epoch dynamic binarization), per-term logging,
+validation and early stopping, progress bars, atomic checkpoints and resume, and the final
+evaluation. Models and objectives contain no loops; amortized and per-datapoint guides
+differ only in how they are built (``inference.guides.build_guide``).
+
+Reproducibility: one CPU ``torch.Generator`` draws each epoch's permutation and
+binarization, the global torch RNG (seeded once) draws the model's samples. A checkpoint
+stores the data generator's state at the start of the epoch, the position in the epoch and
+the global RNG state, so a run killed at any point resumes bit-for-bit on the same machine.
+
+No host sync per step: losses are summed on the device and read every ``log_every`` steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Protocol
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from inference.diagnostics import active_units
+from inference.estimators import estimate_dataset
+from inference.guides import build_guide
+from inference.objectives import ELBO, LogWeightObjective
+from models.base import DGMError, GenerativeModel
+
+
+class DataSource(Protocol):
+    """What the runner needs of a dataset (``experiments.data.Dataset`` is one)."""
+
+    train: Tensor
+    val: Tensor
+    test: Tensor
+
+    def train_epoch(self, generator: torch.Generator) -> Tensor: ...
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 100
+    lr: float = 1e-3
+    adam_eps: float = 1e-4
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    log_every: int = 50  # steps between host syncs (metrics lines)
+    validate: bool = True
+    patience: Optional[int] = None  # epochs without validation improvement before stopping
+    checkpoint_seconds: float = 60.0  # also checkpoint mid-epoch this often
+    max_steps: Optional[int] = None  # stop early (tests, smoke runs)
+    eval_estimator: str = "auto"  # auto: exact if the model has it, else is
+    eval_k: int = 1000
+    eval_limit: Optional[int] = None  # evaluate on the first n test points only
+    eval_batch_size: int = 100
+    local_eval_epochs: int = 20  # fitting a local guide on held-out data (decoder frozen)
+    progress: bool = True
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DGMError(
+            "--device cuda, but torch sees no CUDA device; install a CUDA build of torch or use --device cpu"
+        )
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise DGMError(f"unknown device {name!r}; use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class MetricsLog:
+    """Append-only JSONL; on resume, lines past the checkpoint's step are dropped."""
+
+    def __init__(self, path: Optional[Path]):
+        self.path = path
+
+    def truncate_after(self, step: int) -> None:
+        if self.path is None or not self.path.exists():
+            return
+        keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
+        self.path.write_text("".join(ln + "\n" for ln in keep))
+
+    def write(self, record: dict) -> None:
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+class Runner:
+    """Fits ``model`` (with the chosen guide) to ``data`` by minimising ``objective``."""
+
+    def __init__(
+        self,
+        model: GenerativeModel,
+        data: DataSource,
+        objective: LogWeightObjective,
+        guide: str = "amortized",
+        config: Optional[TrainConfig] = None,
+        run_dir: Optional[Path] = None,
+    ):
+        self.config = config or TrainConfig()
+        self.device = resolve_device(self.config.device)
+        torch.manual_seed(self.config.seed)
+        self.model = model.to(self.device)
+        self.data = data
+        for split in ("train", "val", "test"):
+            x = getattr(data, split)
+            if x is not None and x.shape[0]:
+                model.check_data(
+                    x
+                    if split != "train" or not getattr(data, "dynamic", False)
+                    else data.train_epoch(torch.Generator().manual_seed(0)),
+                    f"{split} data",
+                )
+        self.objective = objective
+        self.guide_kind = guide
+        self.guide, self.guide_module = build_guide(guide, model, data.train.to(self.device))
+        if self.guide_module is not None:
+            self.guide_module.to(self.device)
+        for m in objective.modules():
+            m.to(self.device)
+        self.params = self._collect_params()
+        self.optimizer = torch.optim.Adam(self.params, lr=self.config.lr, eps=self.config.adam_eps)
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        if self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl" if self.run_dir else None)
+
+    def _collect_params(self) -> List[nn.Parameter]:
+        modules = [self.model] + ([self.guide_module] if self.guide_module is not None else [])
+        modules += self.objective.modules()
+        params = [p for m in modules for p in m.parameters() if p.requires_grad]
+        if not params:
+            raise DGMError("nothing to train: the model, guide and objective have no parameters")
+        return params
+
+    # --- checkpoints ----------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Optional[Path]:
+        return self.run_dir / "checkpoint.pt" if self.run_dir else None
+
+    def _state(self, progress: dict) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "guide": self.guide_module.state_dict() if self.guide_module is not None else None,
+            "objective": self.objective.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            **progress,
+        }
+
+    def save_checkpoint(self, progress: dict) -> None:
+        if self.checkpoint_path is not None:
+            _atomic_save(self._state(progress), self.checkpoint_path)
+
+    def _restore(self) -> Optional[dict]:
+        path = self.checkpoint_path
+        if path is None or not path.exists():
+            return None
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=False)
+        except Exception as e:  # a torn file cannot happen (atomic writes), a foreign one can
+            raise DGMError(f"cannot read checkpoint {path}: {e}; delete it to start over") from e
+        self.model.load_state_dict(state["model"])
+        if self.guide_module is not None and state["guide"] is not None:
+            self.guide_module.load_state_dict(state["guide"])
+        self.objective.load_state_dict(state["objective"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+        self.metrics.truncate_after(state["step"])
+        return state
+
+    # --- the loop ---------------------------------------------------------------------------
+    def fit(self) -> Dict:
+        """Train until ``epochs`` (or early stopping / ``max_steps``), resuming from a
+        checkpoint in ``run_dir`` if there is one. Returns the training summary."""
+        cfg = self.config
+        gen = torch.Generator().manual_seed(cfg.seed + 12345)
+        progress = {
+            "epoch": 0,
+            "batch": 0,
+            "step": 0,
+            "data_rng": gen.get_state(),
+            "best_val": -math.inf,
+            "bad_epochs": 0,
+            "train_seconds": 0.0,
+            "done": False,
+        }
+        resumed = self._restore()
+        if resumed is not None:
+            progress = {k: resumed[k] for k in progress}
+        n = self.data.train.shape[0]
+        start = time.time() - progress["train_seconds"]
+        last_ckpt = time.time()
+        for epoch in range(progress["epoch"], cfg.epochs if not progress["done"] else 0):
+            gen.set_state(progress["data_rng"])  # the epoch's data, reproducibly
+            x_epoch = self.data.train_epoch(gen).to(self.device)
+            perm = torch.randperm(n, generator=gen).to(self.device)
+            num_batches = math.ceil(n / cfg.batch_size)
+            sums, count = None, 0
+            bar = tqdm(
+                range(progress["batch"], num_batches),
+                desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                disable=not cfg.progress,
+                leave=False,
+                mininterval=2.0,
+            )
+            for b in bar:
+                idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+                loss, terms = self.objective.loss_terms(self.model.model, self.guide, x_epoch[idx], idx, n)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                progress["step"] += 1
+                progress["batch"] = b + 1
+                terms["loss"] = loss.detach() / n
+                sums = {k: v for k, v in terms.items()} if sums is None else {k: sums[k] + v for k, v in terms.items()}
+                count += 1
+                if progress["step"] % cfg.log_every == 0 or b == num_batches - 1:
+                    record = {k: float(v) / count for k, v in sums.items()}
+                    if not math.isfinite(record["loss"]):
+                        raise DGMError(
+                            f"the loss became {record['loss']} at step {progress['step']}; lower --lr "
+                            "or check the data (the last good checkpoint is kept)"
+                        )
+                    self.metrics.write(
+                        {"step": progress["step"], "epoch": epoch + (b + 1) / num_batches, "split": "train", **record}
+                    )
+                    bar.set_postfix(bound=f"{record['bound']:.2f}")
+                    sums, count = None, 0
+                progress["train_seconds"] = time.time() - start
+                if cfg.max_steps is not None and progress["step"] >= cfg.max_steps:
+                    break
+                if time.time() - last_ckpt > cfg.checkpoint_seconds:
+                    self.save_checkpoint(progress)
+                    last_ckpt = time.time()
+            bar.close()
+            stop = cfg.max_steps is not None and progress["step"] >= cfg.max_steps
+            if progress["batch"] >= num_batches:  # a whole epoch done
+                progress["epoch"], progress["batch"] = epoch + 1, 0
+                progress["data_rng"] = gen.get_state()
+                stop = self._validate(progress) or stop
+            progress["train_seconds"] = time.time() - start
+            self.save_checkpoint(progress)
+            last_ckpt = time.time()
+            if stop:
+                break
+        progress["done"] = True
+        self.save_checkpoint(progress)
+        if self.run_dir is not None and (self.run_dir / "best.pt").exists():
+            self.model.load_state_dict(torch.load(self.run_dir / "best.pt", map_location=self.device)["model"])
+        return progress
+
+    def _validate(self, progress: dict) -> bool:
+        """Record the validation bound; return True when early stopping says stop."""
+        cfg = self.config
+        if not cfg.validate or self.guide_kind != "amortized" or self.data.val is None:
+            return False
+        val = self.data.val.to(self.device)
+        bounds = [
+            self.objective.bound(self.model.model, self.guide, val[i : i + cfg.eval_batch_size])
+            for i in range(0, val.shape[0], cfg.eval_batch_size)
+        ]
+        value = float(torch.cat(bounds).mean())
+        self.metrics.write({"step": progress["step"], "epoch": progress["epoch"], "split": "val", "bound": value})
+        if value > progress["best_val"]:
+            progress["best_val"], progress["bad_epochs"] = value, 0
+            if self.run_dir is not None:
+                _atomic_save({"model": self.model.state_dict(), "epoch": progress["epoch"]}, self.run_dir / "best.pt")
+            return False
+        progress["bad_epochs"] += 1
+        return cfg.patience is not None and progress["bad_epochs"] >= cfg.patience
+
+    # --- evaluation -------------------------------------------------------------------------
+    def evaluate(self, data: Optional[Tensor] = None, estimator: Optional[str] = None, k: Optional[int] = None) -> Dict:
+        """log p(x) on held-out data (test set by default) with the configured estimator,
+        plus the ELBO and active units. A local guide is first fitted on the held-out data
+        with the model frozen."""
+        cfg = self.config
+        x = self.data.test if data is None else data
+        if cfg.eval_limit is not None:
+            x = x[: cfg.eval_limit]
+        x = x.to(self.device)
+        method = estimator or cfg.eval_estimator
+        if method == "auto":
+            method = "exact" if self.model.has_exact_log_prob else "is"
+        guide = self.guide if self.guide_kind == "amortized" else None
+        if method != "exact" and self.guide_kind != "amortized":
+            guide = fit_local_guide(self.model, x, self.objective, cfg)
+        t0 = time.time()
+        est = estimate_dataset(
+            self.model,
+            x,
+            method=method,
+            num_samples=k or cfg.eval_k,
+            guide=guide,
+            batch_size=cfg.eval_batch_size,
+            progress=cfg.progress,
+        )
+        out = {**est.summary(), "eval_seconds": time.time() - t0}
+        if method != "exact" and guide is not None:
+            out["active_units"] = active_units(self.model, guide, x)
+        return out
+
+
+def fit_local_guide(
+    model: GenerativeModel,
+    x: Tensor,
+    objective: LogWeightObjective,
+    config: TrainConfig,
+    init_from: Optional[Callable] = None,
+) -> Callable:
+    """Fit per-datapoint variational parameters on ``x`` with the model frozen (the
+    held-out evaluation of a local guide, and the best-q half of the amortization gap)."""
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        data = _Fixed(x)
+        cfg = TrainConfig(
+            **{
+                **asdict(config),
+                "epochs": config.local_eval_epochs,
+                "validate": False,
+                "max_steps": None,
+                "device": str(x.device),
+            }
+        )
+        runner = Runner(
+            model,
+            data,
+            ELBO(objective.num_particles) if not isinstance(objective, ELBO) else objective,
+            guide="local",
+            config=cfg,
+        )
+        if init_from is not None:
+            runner.guide_module.init_from(init_from, x)
+        runner.fit()
+        return runner.guide
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+class _Fixed:
+    """A held-out tensor presented as a training set."""
+
+    dynamic = False
+
+    def __init__(self, x: Tensor):
+        self.train, self.val, self.test = x, None, None
+
+    def train_epoch(self, generator: torch.Generator) -> Tensor:
+        return self.train

@@ -1,0 +1,16 @@
+"""Generative models: each a Pyro model/guide pair with no training code.
+
+``REGISTRY`` maps the names the ``dgm`` command accepts to model classes. Each class has a
+``config_class`` (a dataclass of its hyperparameters) and ``presets`` (named configs).
+"""
+
+from models.base import DataError, DataSpec, DGMError, GenerativeModel
+from models.latent.ppca import PPCA, PPCAConfig
+from models.latent.vae import VAE, VAEConfig
+
+REGISTRY = {
+    "vae": VAE,
+    "ppca": PPCA,
+}
+
+__all__ = ["REGISTRY", "GenerativeModel", "DataSpec", "DGMError", "DataError", "VAE", "VAEConfig", "PPCA", "PPCAConfig"]

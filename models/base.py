@@ -1,0 +1,169 @@
+"""The contract every model meets.
+
+A model is an ``nn.Module`` that carries a Pyro program and its default guide:
+
+* ``model(x, idx=None, size=None)``: the generative program. Every latent site and the
+  observed site live inside ``self.data_plate(x, idx, size)``, a ``pyro.plate("data")``
+  at ``dim=-1`` whose ``subsample`` is ``idx`` (dataset indices of the minibatch) and
+  whose ``size`` is the dataset size, so that minibatch scaling is right and
+  per-datapoint guides can index their parameters by ``idx``.
+* ``guide(x, idx=None, size=None)``: the default amortized guide (the encoder). Fully
+  observed models have no latent sites and an empty guide.
+* ``sample(n)``: ancestral samples, shape ``[n, *event_shape]``.
+* ``log_prob(x)``: exact ``log p(x)`` per datapoint in nats, only where it is exact
+  (``has_exact_log_prob = True``).
+* ``data_spec``: the event shape and support of the observed data; ``check_data``
+  rejects bad data with a message before any training starts.
+
+Models hold no training code. Their parameters are plain ``nn.Module`` parameters: the
+runner optimises ``module.parameters()`` directly, and ``svi_pair()`` wraps the pair
+for ``pyro.infer.SVI``, which finds parameters through Pyro's param store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Literal, Optional, Tuple
+
+import pyro
+import torch
+from torch import Tensor, nn
+
+Support = Literal["binary", "categorical", "real"]
+
+DATA_PLATE = "data"
+"""Name of the plate over datapoints; inference code finds per-datapoint terms by it."""
+
+
+class DGMError(Exception):
+    """An error a user can act on: the message says what is wrong and how to fix it."""
+
+
+class DataError(DGMError, ValueError):
+    """Data that does not match what a model declares."""
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What observed data looks like: per-datapoint ``event_shape`` and its support.
+
+    ``image_shape`` (``(H, W)`` or ``(C, H, W)``) is only for drawing samples.
+    """
+
+    event_shape: Tuple[int, ...]
+    support: Support
+    num_levels: Optional[int] = None
+    image_shape: Optional[Tuple[int, ...]] = None
+
+    def __post_init__(self) -> None:
+        if self.support not in ("binary", "categorical", "real"):
+            raise DataError(f"unknown support {self.support!r}; use binary, categorical or real")
+        if self.support == "categorical" and (self.num_levels is None or self.num_levels < 2):
+            raise DataError("categorical data needs num_levels >= 2")
+
+    @property
+    def dim(self) -> int:
+        n = 1
+        for s in self.event_shape:
+            n *= s
+        return n
+
+    def describe(self) -> str:
+        levels = f" with {self.num_levels} levels" if self.support == "categorical" else ""
+        return f"{self.support}{levels} data of event shape {tuple(self.event_shape)}"
+
+    def check(self, x: Tensor, what: str = "data") -> None:
+        """Raise ``DataError`` unless ``x`` is a batch ``[N, *event_shape]`` in the support."""
+        expected = self.describe()
+        if not isinstance(x, Tensor):
+            raise DataError(f"{what}: expected a torch.Tensor of {expected}, got {type(x).__name__}")
+        if tuple(x.shape[1:]) != tuple(self.event_shape) or x.dim() != len(self.event_shape) + 1:
+            raise DataError(
+                f"{what}: expected shape [N, {', '.join(map(str, self.event_shape))}] ({expected}), got {list(x.shape)}"
+            )
+        if x.shape[0] == 0:
+            raise DataError(f"{what}: empty dataset")
+        if not x.is_floating_point():
+            raise DataError(f"{what}: expected a floating-point tensor, got {x.dtype}; use x.float()")
+        if not torch.isfinite(x).all():
+            bad = int((~torch.isfinite(x)).sum())
+            raise DataError(f"{what}: {bad} NaN or infinite values; clean the data first")
+        if self.support == "binary":
+            if not ((x == 0) | (x == 1)).all():
+                lo, hi = float(x.min()), float(x.max())
+                raise DataError(
+                    f"{what}: a Bernoulli model needs values in {{0, 1}}, found values in "
+                    f"[{lo:g}, {hi:g}]; binarize the data (e.g. --binarization dynamic)"
+                )
+        elif self.support == "categorical":
+            k = self.num_levels
+            if not ((x == x.round()) & (x >= 0) & (x <= k - 1)).all():
+                raise DataError(f"{what}: expected integer levels 0..{k - 1} ({expected})")
+
+
+class GenerativeModel(nn.Module):
+    """Base class of every model: a Pyro model/guide pair plus sampling and data checks."""
+
+    name: ClassVar[str] = "model"
+    has_exact_log_prob: ClassVar[bool] = False
+    max_plate_nesting: ClassVar[int] = 1
+    config_class: ClassVar[Optional[type]] = None  # dataclass of hyperparameters
+    presets: ClassVar[dict] = {}  # name -> config_class instance
+
+    def __init__(self, data_spec: DataSpec) -> None:
+        super().__init__()
+        self.data_spec = data_spec
+
+    # --- the Pyro program -------------------------------------------------------------
+    def model(self, x: Tensor, idx: Optional[Tensor] = None, size: Optional[int] = None):
+        raise NotImplementedError
+
+    def guide(self, x: Tensor, idx: Optional[Tensor] = None, size: Optional[int] = None):
+        """Default guide: none (fully observed models have no latent sites)."""
+        return None
+
+    def data_plate(self, x: Tensor, idx: Optional[Tensor] = None, size: Optional[int] = None):
+        """The plate over datapoints. ``idx`` are dataset indices, ``size`` the dataset size."""
+        batch = x.shape[0]
+        if idx is None:
+            if size is not None and size != batch:
+                raise DGMError("a minibatch (size != batch) needs its dataset indices idx")
+            return pyro.plate(DATA_PLATE, batch, dim=-1)
+        return pyro.plate(DATA_PLATE, size if size is not None else batch, subsample=idx, dim=-1)
+
+    # --- everything else ---------------------------------------------------------------
+    def sample(self, n: int) -> Tensor:
+        """Ancestral samples ``[n, *event_shape]``."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement sample()")
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """Exact log p(x) per datapoint, in nats (only where ``has_exact_log_prob``)."""
+        raise DGMError(
+            f"{type(self).__name__} has no exact log p(x); use an estimator (--estimator is or naive) instead"
+        )
+
+    def check_data(self, x: Tensor, what: str = "data") -> None:
+        self.data_spec.check(x, what)
+
+    def svi_pair(self, name: Optional[str] = None) -> Tuple[Callable, Callable]:
+        """``(model, guide)`` callables that register this module with Pyro's param store,
+        for use with ``pyro.infer.SVI`` and Pyro's own ELBOs."""
+        key = name or self.name
+
+        def model(*args, **kwargs):
+            pyro.module(key, self)
+            return self.model(*args, **kwargs)
+
+        def guide(*args, **kwargs):
+            pyro.module(key, self)
+            return self.guide(*args, **kwargs)
+
+        return model, guide
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.parameters():
+            return p.device
+        for b in self.buffers():
+            return b.device
+        return torch.device("cpu")

@@ -1,0 +1,117 @@
+"""Observation likelihoods: map a decoder's raw output to a distribution over x.
+
+A model holds one ``Likelihood`` object instead of switching on a string in every method.
+Each declares how many raw outputs it needs per data dimension (``params_per_dim``) and
+builds a Pyro distribution whose event covers the whole datapoint.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import pyro.distributions as dist
+import torch
+from torch import Tensor, nn
+
+from models.base import DataSpec, DGMError
+
+
+class Likelihood(nn.Module):
+    """Base class. ``forward(raw)`` returns a distribution with ``event_shape == event``."""
+
+    params_per_dim: int = 1
+
+    def __init__(self, event_shape: tuple):
+        super().__init__()
+        self.event_shape = tuple(event_shape)
+
+    def num_outputs(self) -> int:
+        n = self.params_per_dim
+        for s in self.event_shape:
+            n *= s
+        return n
+
+    def forward(self, raw: Tensor) -> dist.TorchDistribution:
+        raise NotImplementedError
+
+    def mean(self, raw: Tensor) -> Tensor:
+        return self(raw).mean
+
+
+class Bernoulli(Likelihood):
+    """Independent Bernoulli pixels with logits ``raw``."""
+
+    def forward(self, raw: Tensor) -> dist.TorchDistribution:
+        logits = raw.reshape(raw.shape[:-1] + self.event_shape)
+        return dist.Bernoulli(logits=logits, validate_args=False).to_event(len(self.event_shape))
+
+
+class Gaussian(Likelihood):
+    """Independent Gaussians: ``raw`` holds means, and log-scales when ``learn_scale``
+    (heteroscedastic decoder); otherwise one shared learned scale, or a fixed one."""
+
+    def __init__(
+        self,
+        event_shape: tuple,
+        scale: Optional[float] = None,
+        learn_scale: bool = True,
+        per_datapoint: bool = False,
+        min_scale: float = 1e-3,
+    ):
+        super().__init__(event_shape)
+        self.per_datapoint = per_datapoint
+        self.params_per_dim = 2 if per_datapoint else 1
+        self.min_scale = min_scale
+        init = torch.tensor(float(scale if scale is not None else 1.0)).log()
+        if learn_scale and not per_datapoint:
+            self.log_scale = nn.Parameter(init.clone())
+        else:
+            self.register_buffer("log_scale", init.clone())
+
+    def forward(self, raw: Tensor) -> dist.TorchDistribution:
+        shape = raw.shape[:-1] + self.event_shape
+        if self.per_datapoint:
+            loc, raw_scale = raw.chunk(2, dim=-1)
+            scale = nn.functional.softplus(raw_scale.reshape(shape)) + self.min_scale
+        else:
+            loc = raw
+            scale = self.log_scale.exp().clamp_min(self.min_scale).expand(shape)
+        return dist.Normal(loc.reshape(shape), scale).to_event(len(self.event_shape))
+
+
+class Categorical(Likelihood):
+    """Independent categorical pixels with ``num_levels`` levels (values 0..K-1 as floats)."""
+
+    def __init__(self, event_shape: tuple, num_levels: int):
+        super().__init__(event_shape)
+        self.params_per_dim = num_levels
+
+    def forward(self, raw: Tensor) -> dist.TorchDistribution:
+        logits = raw.reshape(raw.shape[:-1] + self.event_shape + (self.params_per_dim,))
+        return _FloatCategorical(logits=logits, validate_args=False).to_event(len(self.event_shape))
+
+    def mean(self, raw: Tensor) -> Tensor:
+        probs = self(raw).base_dist.probs
+        levels = torch.arange(self.params_per_dim, dtype=probs.dtype, device=probs.device)
+        return (probs * levels).sum(-1)
+
+
+class _FloatCategorical(dist.Categorical):
+    """Categorical that accepts and returns level indices stored as floats (our data dtype)."""
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        return super().log_prob(value.long())
+
+    def sample(self, sample_shape=torch.Size()) -> Tensor:
+        return super().sample(sample_shape).to(self.logits.dtype)
+
+
+def likelihood_for(spec: DataSpec, gaussian_scale: Optional[float] = None, learn_scale: bool = True) -> Likelihood:
+    """The natural likelihood for data of this spec."""
+    if spec.support == "binary":
+        return Bernoulli(spec.event_shape)
+    if spec.support == "categorical":
+        return Categorical(spec.event_shape, spec.num_levels)
+    if spec.support == "real":
+        return Gaussian(spec.event_shape, scale=gaussian_scale, learn_scale=learn_scale)
+    raise DGMError(f"no likelihood for support {spec.support!r}")

@@ -1,0 +1,25 @@
+"""Shared test harness: per-test reset of global state and seeds (as Pyro's conftest does)."""
+
+from pathlib import Path
+
+import pyro
+import pytest
+import torch
+
+SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+
+
+@pytest.fixture(autouse=True)
+def _reset_global_state():
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    dtype = torch.get_default_dtype()
+    yield
+    torch.set_default_dtype(dtype)
+    pyro.clear_param_store()
+
+
+@pytest.fixture
+def float64():
+    torch.set_default_dtype(torch.float64)
+    yield
