@@ -101,6 +101,9 @@ def train_run(spec: RunSpec, run_dir: Path) -> dict:
                 f"{run_dir} holds a run with a different configuration; choose another --run-dir "
                 "or delete it (resuming needs the same command)"
             )
+        summary_path = run_dir / "summary.json"
+        if summary_path.exists() and _done(run_dir):
+            return json.loads(summary_path.read_text())  # finished and evaluated: nothing to redo
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_json(config_path, spec.to_json())
     runner, data = build(spec, run_dir)
