@@ -15,6 +15,7 @@ collector stays on inside the block, as it is in a training loop.
 from __future__ import annotations
 
 import gc
+import pstats
 import statistics
 import time
 from dataclasses import dataclass
@@ -158,3 +159,18 @@ def misses(rows: Sequence[Row]) -> List[Row]:
 def banner(text: str) -> str:
     bar = "!" * (len(text) + 8)
     return f"{bar}\n!!! {text} !!!\n{bar}"
+
+
+def print_profile(stats: pstats.Stats, calls: int, unit: str, title: str, top: int = 25) -> None:
+    """The ``top`` functions of a cProfile run by self time and by cumulative time, in ms
+    per ``unit`` (``calls`` units were profiled)."""
+    rows = []
+    for (file, line, func), (_, nc, tt, ct, _) in stats.stats.items():
+        where = file.split("site-packages/")[-1].split("/work/main/")[-1]
+        rows.append((tt, ct, nc, f"{where}:{line}({func})"))
+    print(f"\n=== {title}: {stats.total_tt / calls * 1e3:.3f} ms/{unit} under cProfile ({calls} {unit}s) ===")
+    head = f"{'self ms/' + unit:>16} {'cum ms/' + unit:>16} {'calls/' + unit:>12}  function"
+    for label, key in (("by self time", lambda r: -r[0]), ("by cumulative time", lambda r: -r[1])):
+        print(f"-- {label} --\n{head}")
+        for tt, ct, nc, name in sorted(rows, key=key)[:top]:
+            print(f"{tt / calls * 1e3:16.3f} {ct / calls * 1e3:16.3f} {nc / calls:12.1f}  {name}")

@@ -24,14 +24,21 @@ mix), reported as the increase of peak RSS (``ru_maxrss``) over the RSS just bef
 estimate (after imports, model build and a warm-up estimate with K = 10). B = 8 there,
 so the default chunk (``32768 // 8 = 4096`` samples) is smaller than both K and the two
 runs hold the same chunk in memory; the claim under test is that memory does not grow
-with K.
+with K. (A child's ``ru_maxrss`` starts at its launcher's peak, so the children run
+before this process grows; ``memory_child`` falls back to ``VmHWM`` if that fails.)
+
+``python -m benchmarks.estimator --profile`` runs cProfile on one estimate of ours and of
+raw and prints the top functions in ms per chunk.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
 import json
+import math
+import pstats
 import resource
 import subprocess
 import sys
@@ -44,7 +51,7 @@ import pyro.infer
 import torch
 from torch import Tensor
 
-from benchmarks.common import Row, Target, format_table, interleaved, set_threads
+from benchmarks.common import Row, Target, format_table, interleaved, print_profile, set_threads
 from benchmarks.raw import build_vae, raw_importance
 from inference.estimators import importance
 from models.latent.vae import VAE
@@ -59,7 +66,8 @@ TARGET_MEMORY = 1.2  # peak-RSS increase at K = 50,000 over K = 5,000, at most
 class EstimatorConfig:
     batch: int = 100
     k: int = 5_000
-    rounds: int = 3
+    rounds: int = 4
+    check_k: int = 1_000  # the same-seed check (it also warms both code paths up)
     pyro_points: int = 2
     pyro_samples: int = 100
     memory_batch: int = 8
@@ -114,7 +122,7 @@ def bench_throughput(cfg: EstimatorConfig, log) -> List[Row]:
         f"estimator: B = {cfg.batch}, K = {cfg.k}, chunk = {chunk} samples ({chunk * cfg.batch} rows), "
         f"{cfg.rounds} rounds; pyro: {cfg.pyro_points} points x {cfg.pyro_samples} samples, scaled to K"
     )
-    log(check_same(model, x, cfg.k, cfg.seed + 7))
+    log(check_same(model, x, cfg.check_k, cfg.seed + 7))
     xp = x[: cfg.pyro_points]
     torch.manual_seed(cfg.seed + 8)
     pyro_lp = pyro_importance(model, xp, cfg.pyro_samples)
@@ -129,7 +137,8 @@ def bench_throughput(cfg: EstimatorConfig, log) -> List[Row]:
         "ours": lambda: importance(model.model, model.guide, x, num_samples=cfg.k),
         "pyro": lambda: pyro_importance(model, xp, cfg.pyro_samples),
     }
-    t = interleaved(contenders, rounds=cfg.rounds, steps=1, warmup=1)
+    # no separate warm-up: the checks just above ran every contender's code path
+    t = interleaved(contenders, rounds=cfg.rounds, steps=1, warmup=0)
     # datapoints per second at K: B / seconds per estimate (pyro: scaled from S to K)
     work = {"raw": cfg.batch, "ours": cfg.batch, "pyro": cfg.pyro_points * cfg.pyro_samples / cfg.k}
     rates = {name: [work[name] / s for s in times] for name, times in t.items()}
@@ -139,7 +148,7 @@ def bench_throughput(cfg: EstimatorConfig, log) -> List[Row]:
         paired = [a / b for a, b in zip(rates[name], rates["raw"])]
         rows.append(
             Row(
-                f"IS log p(x) K={cfg.k}",
+                f"IS log p(x) K={cfg.k} B={cfg.batch}",
                 name,
                 med[name],
                 "points/s",
@@ -261,6 +270,24 @@ def bench_memory(cfg: EstimatorConfig, threads: int, log) -> List[Row]:
     return rows
 
 
+def profile(cfg: EstimatorConfig, top: int = 25) -> None:
+    """cProfile one estimate (B points, K samples) of ours and of raw; ms per chunk."""
+    model = build_vae(cfg.seed)
+    x = make_data(cfg.batch, cfg.seed)
+    chunk = default_chunk(cfg.k, cfg.batch)
+    chunks = math.ceil(cfg.k / chunk)
+    for name, fn in (
+        ("ours", lambda k: importance(model.model, model.guide, x, num_samples=k)),
+        ("raw", lambda k: raw_importance(model, x, k, chunk)),
+    ):
+        fn(2 * chunk)  # warm-up
+        prof = cProfile.Profile()
+        prof.enable()
+        fn(cfg.k)
+        prof.disable()
+        print_profile(pstats.Stats(prof), chunks, "chunk", f"IS {name}, B = {cfg.batch}, K = {cfg.k}", top)
+
+
 def run(cfg: EstimatorConfig, threads: int, log=print) -> List[Row]:
     # memory first: the children's ru_maxrss starts at this process's peak (see memory_child)
     mem = bench_memory(cfg, threads, log)
@@ -272,6 +299,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true", help="cProfile one estimate of ours and of raw")
     p.add_argument("--memory-child", type=int, default=None, metavar="K", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=8, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -282,6 +310,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"torch {torch.__version__}, pyro {pyro.__version__}, threads: intra-op {intra}, inter-op {inter}")
     cfg = EstimatorConfig.quick() if args.quick else EstimatorConfig()
     cfg.seed = args.seed
+    if args.profile:
+        profile(cfg)
+        return 0
     print(format_table(run(cfg, intra)))
     return 0
 

@@ -17,14 +17,17 @@ Contenders, each with its own copy of the same initial weights and its own optim
 
 Before timing, each raw/ours pair is checked to compute the same loss and the same
 gradients from the same random seed (``check_same``), which is what makes the ratio a
-measure of overhead and not of different arithmetic.
+measure of overhead and not of different arithmetic; Pyro's loss is checked to have the
+same value too (its score-function gradients differ: its baseline is per datapoint).
 
 Three comparisons: ELBO (K = 1), IWAE (K = 50, vectorized over ``[K, B, L]``) and the
 score-function ELBO with a decaying-average baseline (Pyro reference: ``TraceGraph_ELBO``
 with ``use_decaying_avg_baseline`` on a guide whose site is made non-reparameterized).
 
-``python -m benchmarks.svi_step --profile elbo`` profiles ``ours`` instead (cProfile,
-200 steps) and prints where the time goes, in ms per step.
+Diagnostics (``elbo``, ``iwae`` or ``sf``): ``python -m benchmarks.svi_step --profile elbo``
+runs cProfile on 200 steps of ours and of raw and prints the top functions in ms per step;
+``--breakdown elbo`` times the layers of our forward pass interleaved (network alone, raw
+loss, Pyro's traces, ``compute_log_weights``, ``loss_terms``, plus backward).
 """
 
 from __future__ import annotations
@@ -34,19 +37,23 @@ import copy
 import cProfile
 import math
 import pstats
+import statistics
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
 import pyro
 import pyro.infer
 import pyro.optim
+import pyro.poutine as poutine
 import torch
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
 
-from benchmarks.common import Row, Target, format_table, interleaved, set_threads, time_rows
+from benchmarks.common import Row, Target, format_table, interleaved, print_profile, set_threads, time_rows
 from benchmarks.raw import build_vae, raw_log_weights
 from inference.guides import build_guide
+from inference.logweights import PARTICLE_PLATE, compute_log_weights
 from inference.objectives import ELBO, IWAE, LogWeightObjective, ScoreFunctionELBO
 from models.latent.vae import VAE
 
@@ -62,15 +69,16 @@ class SVIConfig:
     adam_eps: float = 1e-4  # the runner's TrainConfig default
     iwae_k: int = 50
     sf_decay: float = 0.9
-    rounds: int = 9
+    rounds: int = 15  # ELBO and score-function comparisons
     steps: int = 20  # per block, ELBO and score-function steps
+    iwae_rounds: int = 9
     iwae_steps: int = 3  # per block, IWAE steps (each is ~50 decoder passes)
     warmup: int = 5
     seed: int = 0
 
     @classmethod
     def quick(cls) -> "SVIConfig":
-        return cls(rounds=5, steps=10, iwae_steps=2, warmup=3)
+        return cls(rounds=7, steps=10, iwae_rounds=4, iwae_steps=2, warmup=3)
 
 
 # --- data and model -----------------------------------------------------------------------
@@ -162,7 +170,7 @@ def raw_step(loss_fn: Callable[[Tensor, Tensor], Tensor], opt: torch.optim.Optim
 
 
 def ours_step(objective: LogWeightObjective, model: VAE, opt: torch.optim.Optimizer, data: Batches, n: int):
-    """The runner's training step (``inference.runner.Runner.fit``), verbatim."""
+    """The runner's training step (``inference.runner.Runner.fit``), without its metric sums."""
     guide, _ = build_guide("amortized", model, data.batches[0][0])
 
     def step():
@@ -283,7 +291,7 @@ def bench_elbo(cfg: SVIConfig, base: VAE, batches, log) -> List[Row]:
         "svi ELBO K=1",
         t,
         targets={"ours": Target("<=", TARGETS["elbo"])},
-        notes={"pyro": "reference: Trace_ELBO, ~1.5x expected"},
+        notes={"pyro": "reference: pyro.infer.SVI + Trace_ELBO"},
     )
 
 
@@ -297,7 +305,7 @@ def bench_iwae(cfg: SVIConfig, base: VAE, batches, log) -> List[Row]:
         "raw": raw_step(raw.loss, adam(raw_m, cfg), Batches(batches)),
         "ours": ours_step(ours, ours_m, adam(ours_m, cfg), Batches(batches), n),
     }
-    t = interleaved(contenders, rounds=cfg.rounds, steps=cfg.iwae_steps, warmup=max(1, cfg.warmup // 2))
+    t = interleaved(contenders, rounds=cfg.iwae_rounds, steps=cfg.iwae_steps, warmup=max(1, cfg.warmup // 2))
     return time_rows(f"svi IWAE K={k}", t, targets={"ours": Target("<=", TARGETS["iwae"])})
 
 
@@ -320,6 +328,7 @@ def bench_sf(cfg: SVIConfig, base: VAE, batches, log) -> List[Row]:
     )
     raw, ours = RawScoreFunctionELBO(raw_m, n, cfg.sf_decay), ScoreFunctionELBO(1, decay=cfg.sf_decay)
     svi = pyro_svi(pyro_m, pyro.infer.TraceGraph_ELBO(), cfg, guide_wrapper=_ScoreFunctionSites(cfg.sf_decay))
+    log(check_pyro("elbo-sf", svi, _ours_loss(ScoreFunctionELBO(1), ours_m, n), x, idx, n, cfg.seed + 7))
     contenders = {
         "raw": raw_step(raw.loss, adam(raw_m, cfg), Batches(batches)),
         "ours": ours_step(ours, ours_m, adam(ours_m, cfg), Batches(batches), n),
@@ -330,7 +339,7 @@ def bench_sf(cfg: SVIConfig, base: VAE, batches, log) -> List[Row]:
         "svi ELBO-SF K=1",
         t,
         targets={"ours": Target("<=", TARGETS["sf"])},
-        notes={"pyro": "reference: TraceGraph_ELBO, ~2.5x expected"},
+        notes={"pyro": "reference: pyro.infer.SVI + TraceGraph_ELBO"},
     )
 
 
@@ -338,8 +347,8 @@ def run(cfg: SVIConfig, log=print) -> List[Row]:
     base = build_vae(cfg.seed)
     batches = make_batches(cfg)
     log(
-        f"svi_step: VAE mlp-400-20, batch {cfg.batch}, N = {cfg.dataset_size}, {cfg.rounds} rounds x "
-        f"{cfg.steps} steps ({cfg.iwae_steps} for IWAE) per contender, warm-up {cfg.warmup}"
+        f"svi_step: VAE mlp-400-20, batch {cfg.batch}, N = {cfg.dataset_size}; per contender {cfg.rounds} rounds x "
+        f"{cfg.steps} steps (IWAE: {cfg.iwae_rounds} x {cfg.iwae_steps}), warm-up {cfg.warmup}"
     )
     rows = []
     rows += bench_elbo(cfg, base, batches, log)
@@ -351,17 +360,22 @@ def run(cfg: SVIConfig, log=print) -> List[Row]:
 # --- profiling --------------------------------------------------------------------------------
 
 
-def profile(which: str, cfg: SVIConfig, steps: int = 200, top: int = 25) -> None:
-    """cProfile ``steps`` of our step and of the raw step; print the top functions in ms/step."""
+def _pair(which: str, cfg: SVIConfig, base: VAE):
     n = cfg.dataset_size
-    base = build_vae(cfg.seed)
-    batches = make_batches(cfg)
     ours_m, raw_m = copy.deepcopy(base), copy.deepcopy(base)
     objective, raw = {
         "elbo": (ELBO(1), RawELBO(raw_m, n)),
         "iwae": (IWAE(cfg.iwae_k), RawIWAE(raw_m, n, cfg.iwae_k)),
         "sf": (ScoreFunctionELBO(1, decay=cfg.sf_decay), RawScoreFunctionELBO(raw_m, n, cfg.sf_decay)),
     }[which]
+    return objective, ours_m, raw, raw_m
+
+
+def profile(which: str, cfg: SVIConfig, steps: int = 200, top: int = 25) -> None:
+    """cProfile ``steps`` of our step and of the raw step; print the top functions in ms/step."""
+    n = cfg.dataset_size
+    batches = make_batches(cfg)
+    objective, ours_m, raw, raw_m = _pair(which, cfg, build_vae(cfg.seed))
     for name, step in (
         ("ours", ours_step(objective, ours_m, adam(ours_m, cfg), Batches(batches), n)),
         ("raw", raw_step(raw.loss, adam(raw_m, cfg), Batches(batches))),
@@ -373,22 +387,71 @@ def profile(which: str, cfg: SVIConfig, steps: int = 200, top: int = 25) -> None
         for _ in range(steps):
             step()
         prof.disable()
-        stats = pstats.Stats(prof)
-        total = stats.total_tt / steps * 1e3
-        print(f"\n=== {which} {name}: {total:.3f} ms/step under cProfile ({steps} steps) ===")
-        _print_top(stats, steps, top)
+        print_profile(pstats.Stats(prof), steps, "step", f"{which} {name}", top)
 
 
-def _print_top(stats: pstats.Stats, steps: int, top: int) -> None:
-    rows = []
-    for (file, line, func), (cc, nc, tt, ct, _) in stats.stats.items():
-        rows.append((tt, ct, nc, f"{file.split('site-packages/')[-1].split('/work/main/')[-1]}:{line}({func})"))
-    print(f"{'tottime ms/step':>16} {'cumtime ms/step':>16} {'calls/step':>11}  function")
-    for tt, ct, nc, name in sorted(rows, reverse=True)[:top]:
-        print(f"{tt / steps * 1e3:16.3f} {ct / steps * 1e3:16.3f} {nc / steps:11.1f}  {name}")
-    print("\n-- by cumulative time --")
-    for tt, ct, nc, name in sorted(rows, key=lambda r: -r[1])[:top]:
-        print(f"{tt / steps * 1e3:16.3f} {ct / steps * 1e3:16.3f} {nc / steps:11.1f}  {name}")
+def breakdown(which: str, cfg: SVIConfig, rounds: int = 9, steps: int = 50) -> None:
+    """Where our step's extra time goes, layer by layer, timed interleaved (no profiler):
+    the network alone, the raw loss, Pyro's traces of guide and replayed model (without,
+    then with, the particle plate), ``compute_log_weights``, ``loss_terms``; then forward
+    plus backward of both losses, and the whole step."""
+    n = cfg.dataset_size
+    batches = make_batches(cfg)
+    base = build_vae(cfg.seed)
+    objective, ours_m, raw, raw_m = _pair(which, cfg, base)
+    m = ours_m
+    x, idx = batches[0]
+    k = cfg.iwae_k if which == "iwae" else 1
+    sf = which == "sf"
+    objective.loss_terms(m.model, m.guide, x, idx, n)  # settles the plate count
+    plates = objective.model_plates
+
+    def particles(fn):
+        return pyro.plate(PARTICLE_PLATE, k, dim=-(plates + 1))(fn)
+
+    def network():
+        loc, raw_scale = m.encoder(x).chunk(2, dim=-1)
+        scale = torch.nn.functional.softplus(raw_scale) + m.config.min_posterior_scale
+        z = loc + torch.empty((k,) + tuple(loc.shape)).normal_() * scale
+        return m.decoder(z.detach() if sf else z)
+
+    def traces(with_particles: bool):
+        g = particles(m.guide) if with_particles else m.guide
+        md = particles(m.model) if with_particles else m.model
+        guide_trace = poutine.trace(g).get_trace(x, idx, n)
+        return prune_subsample_sites(poutine.trace(poutine.replay(md, trace=guide_trace)).get_trace(x, idx, n))
+
+    def ours_fwd():
+        return objective.loss_terms(m.model, m.guide, x, idx, n)[0]
+
+    def raw_fwd():
+        return raw.loss(x, idx)
+
+    def fwd_bwd(loss_fn, model):
+        def go():
+            model.zero_grad(set_to_none=True)
+            loss_fn().backward()
+
+        return go
+
+    raw.model = m  # the same weights for every layer
+    layers = {
+        "network only (encoder, rsample, decoder)": network,
+        "raw loss (network + log-densities)": raw_fwd,
+        "Pyro traces: guide + replayed model": lambda: traces(False),
+        "  ... under the particle plate, pruned": lambda: traces(True),
+        "compute_log_weights": lambda: compute_log_weights(
+            m.model, m.guide, (x, idx, n), num_particles=k, max_plate_nesting=plates, force_score_function=sf
+        ),
+        "ours loss_terms": ours_fwd,
+        "raw loss + backward": fwd_bwd(raw_fwd, m),
+        "ours loss_terms + backward": fwd_bwd(ours_fwd, m),
+    }
+    steps_per = steps if which != "iwae" else max(2, steps // 20)
+    t = interleaved(layers, rounds=rounds, steps=steps_per, warmup=3)
+    print(f"\n=== {which}: forward layers, interleaved, {rounds} rounds x {steps_per} calls (median [min-max]) ===")
+    for name, v in t.items():
+        print(f"{statistics.median(v) * 1e3:9.3f} ms  [{min(v) * 1e3:.3f}-{max(v) * 1e3:.3f}]  {name}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -397,12 +460,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--profile", choices=("elbo", "iwae", "sf"), default=None)
     p.add_argument("--profile-steps", type=int, default=200)
+    p.add_argument("--breakdown", choices=("elbo", "iwae", "sf"), default=None)
     args = p.parse_args(argv)
     intra, inter = set_threads(args.threads)
     print(f"torch {torch.__version__}, pyro {pyro.__version__}, threads: intra-op {intra}, inter-op {inter}")
     cfg = SVIConfig.quick() if args.quick else SVIConfig()
     if args.profile:
         profile(args.profile, cfg, steps=args.profile_steps)
+        return 0
+    if args.breakdown:
+        breakdown(args.breakdown, cfg)
         return 0
     print(format_table(run(cfg)))
     return 0

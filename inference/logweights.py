@@ -30,7 +30,7 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.poutine.messenger import Messenger
-from pyro.poutine.util import prune_subsample_sites
+from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 from torch.distributions import kl_divergence
 
@@ -78,13 +78,12 @@ def _per_datapoint(site, log_p: Tensor, particle_dim: int, shape: tuple) -> Tens
             f"dim {particle_dim}; raise the model's max_plate_nesting"
         )
     mask = site["mask"]
+    if log_p.shape == shape and n == 2 and mask is None and _data_dim(site) == -1:
+        return log_p  # already [K, B]: the common case, no views to build or backpropagate
     if mask is not None and mask is not True:
         log_p = torch.where(mask, log_p, 0.0) if isinstance(mask, Tensor) else log_p * 0.0
     log_p = log_p.reshape((1,) * (n - log_p.dim()) + tuple(log_p.shape))
-    data_dim = None
-    for frame in site["cond_indep_stack"]:
-        if frame.name == DATA_PLATE:
-            data_dim = frame.dim
+    data_dim = _data_dim(site)
     if data_dim is None:
         raise DGMError(
             f"site {site['name']!r} is outside the {DATA_PLATE!r} plate; per-datapoint "
@@ -97,10 +96,23 @@ def _per_datapoint(site, log_p: Tensor, particle_dim: int, shape: tuple) -> Tens
     return log_p.reshape(log_p.shape[0], log_p.shape[n + data_dim]).expand(shape)
 
 
+def _sample_sites(trace):
+    """``(name, site)`` of the sample sites, without Pyro's subsample bookkeeping sites
+    (filtered in place: ``prune_subsample_sites`` copies the trace)."""
+    for name, site in trace.nodes.items():
+        if site["type"] == "sample" and not site_is_subsample(site):
+            yield name, site
+
+
+def _data_dim(site) -> Optional[int]:
+    for frame in site["cond_indep_stack"]:
+        if frame.name == DATA_PLATE:
+            return frame.dim
+    return None
+
+
 def _data_scale(trace) -> float:
-    for site in trace.nodes.values():
-        if site["type"] != "sample":
-            continue
+    for _, site in _sample_sites(trace):
         for frame in site["cond_indep_stack"]:
             if frame.name == DATA_PLATE:
                 return (frame.full_size or frame.size) / frame.size
@@ -108,11 +120,10 @@ def _data_scale(trace) -> float:
 
 
 def _batch_size(trace) -> int:
-    for site in trace.nodes.values():
-        if site["type"] == "sample":
-            for frame in site["cond_indep_stack"]:
-                if frame.name == DATA_PLATE:
-                    return frame.size
+    for _, site in _sample_sites(trace):
+        for frame in site["cond_indep_stack"]:
+            if frame.name == DATA_PLATE:
+                return frame.size
     raise DGMError(f"the model has no {DATA_PLATE!r} plate; wrap its sites in model.data_plate(...)")
 
 
@@ -153,60 +164,57 @@ def compute_log_weights(
         guide_fn = particles(guide)
         if force_score_function:
             guide_fn = _DetachSamples()(guide_fn)
-        guide_trace = prune_subsample_sites(poutine.trace(guide_fn).get_trace(*args, **kwargs))
+        guide_trace = poutine.trace(guide_fn).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(particles(model), trace=guide_trace)).get_trace(*args, **kwargs)
-    model_trace = prune_subsample_sites(model_trace)
     shape = (num_particles, _batch_size(model_trace))
-    zeros = torch.zeros(shape, device=_any_device(model_trace))
-    log_lik, log_prior, log_q, log_q_sf = zeros, zeros, zeros, zeros
-    kl, kl_free = (zeros, zeros) if analytic_kl else (None, None)
+    lik, prior, q, q_sf, kls, kl_free = [], [], [], [], [], []
     has_sf = False
 
     guide_sites = {}
     if guide_trace is not None:
-        guide_sites = {
-            name: site
-            for name, site in guide_trace.nodes.items()
-            if site["type"] == "sample" and not site["is_observed"]
-        }
+        guide_sites = {name: site for name, site in _sample_sites(guide_trace) if not site["is_observed"]}
 
-    for name, site in model_trace.nodes.items():
-        if site["type"] != "sample":
-            continue
+    for name, site in _sample_sites(model_trace):
         if site["is_observed"]:
-            log_lik = log_lik + _per_datapoint(site, site["fn"].log_prob(site["value"]), particle_dim, shape)
+            lik.append(_per_datapoint(site, site["fn"].log_prob(site["value"]), particle_dim, shape))
             continue
         if name not in guide_sites:
             continue  # proposed from the prior: log p(z) - log q(z) = 0
         g = guide_sites[name]
         lp = _per_datapoint(site, site["fn"].log_prob(site["value"]), particle_dim, shape)
         lq = _per_datapoint(g, g["fn"].log_prob(g["value"]), particle_dim, shape)
-        log_prior = log_prior + lp
-        log_q = log_q + lq
+        prior.append(lp)
+        q.append(lq)
         sf = force_score_function or not g["fn"].has_rsample
         if sf:
             has_sf = True
-            log_q_sf = log_q_sf + lq
+            q_sf.append(lq)
         if analytic_kl:
             site_kl = None if sf else _try_kl(g["fn"], site["fn"])
             if site_kl is None:
-                kl_free = kl_free + lp - lq
+                kl_free.append(lp - lq)
             else:
-                kl = kl + _per_datapoint(site, site_kl, particle_dim, shape)
+                kls.append(_per_datapoint(site, site_kl, particle_dim, shape))
 
-    missing = set(guide_sites) - {n for n, s in model_trace.nodes.items() if s["type"] == "sample"}
+    missing = set(guide_sites) - {n for n, _ in _sample_sites(model_trace)}
     if missing:
         raise DGMError(f"guide samples sites the model does not have: {sorted(missing)}")
+    zeros = torch.zeros(shape, device=_any_device(model_trace))
+
+    def total(terms: list) -> Tensor:
+        return zeros if not terms else terms[0] if len(terms) == 1 else torch.stack(terms).sum(0)
+
+    log_lik, log_prior, log_q = total(lik), total(prior), total(q)
     return LogWeights(
-        log_w=log_lik + log_prior - log_q,
+        log_w=log_lik + (log_prior - log_q) if q else log_lik,
         log_lik=log_lik,
         log_prior=log_prior,
         log_q=log_q,
-        log_q_sf=log_q_sf,
+        log_q_sf=total(q_sf),
         has_sf=has_sf,
         scale=_data_scale(model_trace),
-        kl=kl,
-        kl_free_log_ratio=kl_free,
+        kl=total(kls) if analytic_kl else None,
+        kl_free_log_ratio=total(kl_free) if analytic_kl else None,
     )
 
 
