@@ -149,3 +149,14 @@ def test_reproduce_quickstart_tiny(tmp_path):
     for run in ("vae-elbo", "vae-iwae5"):
         summary = json.loads((tmp_path / run / "summary.json").read_text())
         assert 0 < summary["test"]["nll"] < 784 * 0.7  # finite, and below a coin-flip model's 543 nats
+    run = tmp_path / "vae-elbo"
+    out = _run(CLI + ["eval", str(run), "--estimator", "naive", "--k", "50", "--limit", "5"])
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    assert result["estimator"] == "naive" and result["n"] == 5 and (run / "eval_naive_K50_test_n5.json").exists()
+    assert _run(CLI + ["sample", str(run), "--n", "4", "--out", str(tmp_path / "s.png")]).returncode == 0
+    assert (tmp_path / "s.png").stat().st_size > 1000
+    out = _run(CLI + ["compare", str(run), str(tmp_path / "vae-iwae5")])
+    assert out.returncode == 0 and out.stdout.count("| vae-") == 2
+    out = _run(CLI + ["eval", str(run), "--estimator", "exact"])
+    assert out.returncode == 2 and "no exact log p(x)" in out.stderr
