@@ -160,3 +160,21 @@ def test_reproduce_quickstart_tiny(tmp_path):
     assert out.returncode == 0 and out.stdout.count("| vae-") == 2
     out = _run(CLI + ["eval", str(run), "--estimator", "exact"])
     assert out.returncode == 2 and "no exact log p(x)" in out.stderr
+
+
+def test_svi_through_the_runner_reaches_the_ppca_mle():
+    """Training PPCA's Pyro program with the ELBO and its linear encoder (which contains the
+    exact posterior) must reach the closed-form maximum likelihood (Tipping & Bishop 1999)."""
+    from models.latent.ppca import PPCA, PPCAConfig
+
+    data = datasets.load("ppca")
+    torch.manual_seed(0)
+    m = PPCA(data.spec, PPCAConfig(latent_dim=3))
+    Runner(m, data, ELBO(), config=TrainConfig(epochs=30, lr=1e-2, progress=False, validate=False)).fit()
+    w, mu, s2 = PPCA.mle(data.train, 3)
+    mle = PPCA(data.spec, PPCAConfig(latent_dim=3))
+    mle.set_params(w, mu, s2)
+    with torch.no_grad():
+        gap = (mle.log_prob(data.train).mean() - m.log_prob(data.train).mean()).item()
+    assert 0 <= gap < 0.05, gap  # the MLE is the maximum; SVI gets within 0.05 nats per point
+    assert m.log_sigma.exp().item() ** 2 == pytest.approx(float(s2), rel=0.05)
