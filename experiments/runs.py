@@ -125,7 +125,8 @@ def train_run(spec: RunSpec, run_dir: Path) -> dict:
         "wall_seconds": round(time.time() - t0, 2),
     }
     if data.spec.image_shape is not None or data.spec.dim == 2:
-        save_samples(runner.model, data.spec, run_dir / "samples.png")
+        n = 64 if data.spec.image_shape is not None else 2000  # a grid of images, or a 2-D scatter
+        save_samples(runner.model, data.spec, run_dir / "samples.png", n=n)
     _write_json(run_dir / "summary.json", summary)
     return summary
 
@@ -137,7 +138,10 @@ def load_run(run_dir: Path) -> Tuple[RunSpec, Runner, Any]:
         raise DGMError(f"{run_dir} is not a run directory (no config.json); train one with `dgm train`")
     spec = RunSpec.from_json(json.loads((run_dir / "config.json").read_text()))
     runner, data = build(spec, run_dir)
-    runner.fit() if (run_dir / "checkpoint.pt").exists() and _done(run_dir) else _load_weights(runner, run_dir)
+    if (run_dir / "checkpoint.pt").exists() and _done(run_dir):
+        runner.fit()  # returns at once for a finished run, with its best validation weights
+    else:
+        _load_weights(runner, run_dir)
     return spec, runner, data
 
 
