@@ -281,18 +281,7 @@ def bench_elbo(cfg: SVIConfig, base: VAE, batches, log) -> List[Row]:
     log(check_same("elbo", raw.loss, _ours_loss(ours, ours_m, n), raw_m, ours_m, x, idx, cfg.seed + 7))
     svi = pyro_svi(pyro_m, pyro.infer.Trace_ELBO(), cfg)
     log(check_pyro("elbo", svi, _ours_loss(ELBO(1), ours_m, n), x, idx, n, cfg.seed + 7))
-    contenders = {
-        "raw": raw_step(raw.loss, adam(raw_m, cfg), Batches(batches)),
-        "ours": ours_step(ours, ours_m, adam(ours_m, cfg), Batches(batches), n),
-        "pyro": pyro_step(svi, Batches(batches), n),
-    }
-    t = interleaved(contenders, rounds=cfg.rounds, steps=cfg.steps, warmup=cfg.warmup)
-    return time_rows(
-        "svi ELBO K=1",
-        t,
-        targets={"ours": Target("<=", TARGETS["elbo"])},
-        notes={"pyro": "reference: pyro.infer.SVI + Trace_ELBO"},
-    )
+    return _against_raw_and_pyro("svi ELBO K=1", "elbo", "Trace_ELBO", cfg, batches, n, raw, raw_m, ours, ours_m, svi)
 
 
 def bench_iwae(cfg: SVIConfig, base: VAE, batches, log) -> List[Row]:
@@ -329,6 +318,13 @@ def bench_sf(cfg: SVIConfig, base: VAE, batches, log) -> List[Row]:
     raw, ours = RawScoreFunctionELBO(raw_m, n, cfg.sf_decay), ScoreFunctionELBO(1, decay=cfg.sf_decay)
     svi = pyro_svi(pyro_m, pyro.infer.TraceGraph_ELBO(), cfg, guide_wrapper=_ScoreFunctionSites(cfg.sf_decay))
     log(check_pyro("elbo-sf", svi, _ours_loss(ScoreFunctionELBO(1), ours_m, n), x, idx, n, cfg.seed + 7))
+    return _against_raw_and_pyro(
+        "svi ELBO-SF K=1", "sf", "TraceGraph_ELBO", cfg, batches, n, raw, raw_m, ours, ours_m, svi
+    )
+
+
+def _against_raw_and_pyro(label, target, pyro_name, cfg, batches, n, raw, raw_m, ours, ours_m, svi) -> List[Row]:
+    """Time raw, ours and Pyro's SVI step interleaved; ratios against raw."""
     contenders = {
         "raw": raw_step(raw.loss, adam(raw_m, cfg), Batches(batches)),
         "ours": ours_step(ours, ours_m, adam(ours_m, cfg), Batches(batches), n),
@@ -336,10 +332,10 @@ def bench_sf(cfg: SVIConfig, base: VAE, batches, log) -> List[Row]:
     }
     t = interleaved(contenders, rounds=cfg.rounds, steps=cfg.steps, warmup=cfg.warmup)
     return time_rows(
-        "svi ELBO-SF K=1",
+        label,
         t,
-        targets={"ours": Target("<=", TARGETS["sf"])},
-        notes={"pyro": "reference: pyro.infer.SVI + TraceGraph_ELBO"},
+        targets={"ours": Target("<=", TARGETS[target])},
+        notes={"pyro": f"reference: pyro.infer.SVI + {pyro_name}"},
     )
 
 
