@@ -1,0 +1,1 @@
+"""Fully observed autoregressive models: exact log p(x), ancestral sampling, empty guides."""
