@@ -4,6 +4,8 @@
 ``config_class`` (a dataclass of its hyperparameters) and ``presets`` (named configs).
 """
 
+from models.autoregressive.fvsbn import FVSBN, FVSBNConfig
+from models.autoregressive.nade import NADE, NADEConfig
 from models.base import DataError, DataSpec, DGMError, GenerativeModel
 from models.latent.ppca import PPCA, PPCAConfig
 from models.latent.vae import VAE, VAEConfig
@@ -11,6 +13,22 @@ from models.latent.vae import VAE, VAEConfig
 REGISTRY = {
     "vae": VAE,
     "ppca": PPCA,
+    "fvsbn": FVSBN,
+    "nade": NADE,
 }
 
-__all__ = ["REGISTRY", "GenerativeModel", "DataSpec", "DGMError", "DataError", "VAE", "VAEConfig", "PPCA", "PPCAConfig"]
+__all__ = [
+    "REGISTRY",
+    "GenerativeModel",
+    "DataSpec",
+    "DGMError",
+    "DataError",
+    "VAE",
+    "VAEConfig",
+    "PPCA",
+    "PPCAConfig",
+    "FVSBN",
+    "FVSBNConfig",
+    "NADE",
+    "NADEConfig",
+]
