@@ -143,6 +143,7 @@ class Runner:
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl" if self.run_dir else None)
+        self._best_model: Optional[dict] = None
 
     def _collect_params(self) -> List[nn.Parameter]:
         modules = [self.model] + ([self.guide_module] if self.guide_module is not None else [])
@@ -268,8 +269,11 @@ class Runner:
                 break
         progress["done"] = True
         self.save_checkpoint(progress)
+        best = self._best_model
         if self.run_dir is not None and (self.run_dir / "best.pt").exists():
-            self.model.load_state_dict(torch.load(self.run_dir / "best.pt", map_location=self.device)["model"])
+            best = torch.load(self.run_dir / "best.pt", map_location=self.device)["model"]
+        if best is not None:
+            self.model.load_state_dict(best)
         return progress
 
     def _validate(self, progress: dict) -> bool:
@@ -288,6 +292,8 @@ class Runner:
             progress["best_val"], progress["bad_epochs"] = value, 0
             if self.run_dir is not None:
                 _atomic_save({"model": self.model.state_dict(), "epoch": progress["epoch"]}, self.run_dir / "best.pt")
+            else:  # no run directory: keep the best weights in memory
+                self._best_model = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             return False
         progress["bad_epochs"] += 1
         return cfg.patience is not None and progress["bad_epochs"] >= cfg.patience
