@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from inference.runner import eval_mode  # noqa: E402
 from models.base import DataSpec  # noqa: E402
 
 
@@ -29,10 +30,8 @@ def image_grid(x: torch.Tensor, image_shape, nrow: int) -> torch.Tensor:
 
 def save_samples(model, spec: DataSpec, path: Path, n: int = 64) -> Path:
     """Draw ``n`` samples from ``model`` and save them as a PNG."""
-    model.eval()
-    with torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         x = model.sample(n).detach().float().cpu()
-    model.train()
     fig = plt.figure(figsize=(6, 6), dpi=100)
     if spec.image_shape is not None:
         grid = image_grid(x, spec.image_shape, nrow=int(math.ceil(math.sqrt(n))))

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Protocol
@@ -76,6 +77,21 @@ def resolve_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
         raise DGMError(f"unknown device {name!r}; use auto, cpu or cuda")
     return torch.device(name)
+
+
+@contextmanager
+def eval_mode(*modules: Optional[nn.Module]):
+    """Evaluate in eval mode (mask ensembles, dropout, batch norm), then restore each
+    module's mode."""
+    modules = [m for m in modules if m is not None]
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -282,10 +298,11 @@ class Runner:
         if not cfg.validate or self.guide_kind != "amortized" or self.data.val is None:
             return False
         val = self.data.val.to(self.device)
-        bounds = [
-            self.objective.bound(self.model.model, self.guide, val[i : i + cfg.eval_batch_size])
-            for i in range(0, val.shape[0], cfg.eval_batch_size)
-        ]
+        with eval_mode(self.model, self.guide_module):
+            bounds = [
+                self.objective.bound(self.model.model, self.guide, val[i : i + cfg.eval_batch_size])
+                for i in range(0, val.shape[0], cfg.eval_batch_size)
+            ]
         value = float(torch.cat(bounds).mean())
         self.metrics.write({"step": progress["step"], "epoch": progress["epoch"], "split": "val", "bound": value})
         if value > progress["best_val"]:
@@ -311,6 +328,11 @@ class Runner:
         method = estimator or cfg.eval_estimator
         if method == "auto":
             method = "exact" if self.model.has_exact_log_prob else "is"
+        with eval_mode(self.model, self.guide_module):
+            return self._evaluate(x, method, k or cfg.eval_k)
+
+    def _evaluate(self, x: Tensor, method: str, k: int) -> Dict:
+        cfg = self.config
         guide = self.guide if self.guide_kind == "amortized" else None
         if method != "exact" and self.guide_kind != "amortized":
             guide = fit_local_guide(self.model, x, self.objective, cfg)
@@ -319,7 +341,7 @@ class Runner:
             self.model,
             x,
             method=method,
-            num_samples=k or cfg.eval_k,
+            num_samples=k,
             guide=guide,
             batch_size=cfg.eval_batch_size,
             progress=cfg.progress,

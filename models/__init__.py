@@ -5,6 +5,7 @@
 """
 
 from models.autoregressive.fvsbn import FVSBN, FVSBNConfig
+from models.autoregressive.made import MADE, MADEConfig
 from models.autoregressive.nade import NADE, NADEConfig
 from models.base import DataError, DataSpec, DGMError, GenerativeModel
 from models.latent.ppca import PPCA, PPCAConfig
@@ -15,6 +16,7 @@ REGISTRY = {
     "ppca": PPCA,
     "fvsbn": FVSBN,
     "nade": NADE,
+    "made": MADE,
 }
 
 __all__ = [
@@ -31,4 +33,6 @@ __all__ = [
     "FVSBNConfig",
     "NADE",
     "NADEConfig",
+    "MADE",
+    "MADEConfig",
 ]
