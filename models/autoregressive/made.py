@@ -41,12 +41,12 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from models.autoregressive.base import AutoregressiveModel
 from models.base import DataSpec, DGMError
 from models.nn.masked import MaskedLinear, connectivity_mask, hidden_degrees, order_degrees
 from models.nn.mlp import ACTIVATIONS
+from models.nn.units import units_for
 
 
 @dataclass
@@ -102,47 +102,6 @@ def made_masks(
     return path, connectivity_mask(units[0], d_out, strict=True)
 
 
-# --- the observation heads: the only place binary and categorical differ -----------------------
-
-
-class _BernoulliHead:
-    """``p(x_i = 1 | x_<i) = sigmoid(logit_i)``; the network sees ``x`` itself."""
-
-    levels = 1
-
-    def encode(self, x: Tensor) -> Tensor:
-        return x
-
-    def shape(self, raw: Tensor) -> Tensor:
-        return raw
-
-    def log_prob(self, logits: Tensor, x: Tensor) -> Tensor:
-        return -F.binary_cross_entropy_with_logits(logits, x, reduction="none")
-
-    def sample(self, logits: Tensor, generator: Optional[torch.Generator]) -> Tensor:
-        return torch.bernoulli(torch.sigmoid(logits), generator=generator)
-
-
-class _CategoricalHead:
-    """``p(x_i = k | x_<i) = softmax(logits_i)_k`` over ``K`` levels; the network sees one-hot
-    codes of the levels."""
-
-    def __init__(self, levels: int):
-        self.levels = levels
-
-    def encode(self, x: Tensor) -> Tensor:
-        return F.one_hot(x.long(), self.levels).to(x.dtype).flatten(-2)
-
-    def shape(self, raw: Tensor) -> Tensor:
-        return raw.unflatten(-1, (-1, self.levels))
-
-    def log_prob(self, logits: Tensor, x: Tensor) -> Tensor:
-        return logits.log_softmax(-1).gather(-1, x.long().unsqueeze(-1)).squeeze(-1)
-
-    def sample(self, logits: Tensor, generator: Optional[torch.Generator]) -> Tensor:
-        return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1).to(logits.dtype)
-
-
 class MADE(AutoregressiveModel):
     """Masked autoencoder for binary or categorical data, with order- and
     connectivity-agnostic training and an ensemble of masks at test time.
@@ -160,16 +119,7 @@ class MADE(AutoregressiveModel):
         super().__init__(data_spec)
         config = replace(config) if config is not None else MADEConfig()  # a copy: presets stay as they are
         self.config = config
-        if data_spec.support == "binary":
-            self.head = _BernoulliHead()
-        elif data_spec.support == "categorical":
-            self.head = _CategoricalHead(data_spec.num_levels)
-        else:
-            raise DGMError(
-                f"MADE models binary or categorical data, got {data_spec.describe()}; for real-valued "
-                "data use RNADE (Uria et al. 2013), whose conditionals are mixtures of Gaussians, "
-                "or quantize the data into categorical levels"
-            )
+        self.units = units_for(data_spec, "MADE")
         if config.activation not in ACTIVATIONS:
             raise DGMError(f"unknown activation {config.activation!r}; choose from {sorted(ACTIVATIONS)}")
         if config.num_masks < 1 or not 1 <= config.ensemble <= config.num_masks:
@@ -188,7 +138,7 @@ class MADE(AutoregressiveModel):
             raise DGMError("hidden=() already connects inputs to outputs directly; drop direct_connections")
 
         self.hidden = tuple(config.hidden)
-        dim, k = data_spec.dim, self.head.levels
+        dim, k = data_spec.dim, self.units.levels
         orders, degrees = draw_mask_sets(
             dim, self.hidden, config.num_masks, config.order_agnostic, config.connectivity_agnostic, config.seed
         )
@@ -216,7 +166,7 @@ class MADE(AutoregressiveModel):
         if index == self._active:
             return
         path, direct = made_masks(
-            self.orders[index], self.degrees[index], self.hidden, self.head.levels, self.head.levels
+            self.orders[index], self.degrees[index], self.hidden, self.units.levels, self.units.levels
         )
         for layer, mask in zip(self.layers, path):
             layer.mask = mask.to(layer.mask)
@@ -251,19 +201,19 @@ class MADE(AutoregressiveModel):
         """Conditional logits under one mask set: ``[B, D]`` (binary) or ``[B, D, K]``
         (categorical); entry ``i`` depends only on the ``x_j`` before ``i`` in that set's order."""
         self.use_mask(self._resolve(mask_index))
-        h = inputs = self.head.encode(x.reshape(x.shape[0], -1))
+        h = inputs = self.units.features(x.reshape(x.shape[0], -1)).flatten(-2)
         for layer in self.layers[:-1]:
             h = self.activation(layer(h))
         out = self.layers[-1](h)
         if self.direct is not None:
             out = out + self.direct(inputs)
-        return self.head.shape(out)
+        return self.units.natural(out.unflatten(-1, (-1, self.units.levels)))
 
     def conditional_log_probs(self, x: Tensor, mask_index: Optional[int] = None) -> Tensor:
         """``[B, D]``: ``log p_m(x_i | x_<m i)`` under mask set ``m`` (see ``_resolve`` for
         ``None``), indexed by data position whatever the order."""
         flat = x.reshape(x.shape[0], -1)
-        return self.head.log_prob(self.logits(flat, mask_index), flat)
+        return self.units.log_prob(self.logits(flat, mask_index), flat)
 
     def log_prob(self, x: Tensor) -> Tensor:
         """Exact ``log p(x)`` in nats. Training: one mask set (the next of the cycle). Eval:
@@ -294,6 +244,6 @@ class MADE(AutoregressiveModel):
                 continue
             xm = x[rows]
             for i in self.orders[m].tolist():
-                xm[:, i] = self.head.sample(self.logits(xm, m)[:, i], generator)
+                xm[:, i] = self.units.sample(self.logits(xm, m)[:, i], generator)
             x[rows] = xm
         return x.reshape((n,) + tuple(self.data_spec.event_shape))

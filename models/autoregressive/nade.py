@@ -40,10 +40,10 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from models.autoregressive.base import AutoregressiveModel
 from models.base import DataSpec, DGMError
+from models.nn.units import units_for
 
 __all__ = ["NADE", "NADEConfig", "PRESETS"]
 
@@ -61,38 +61,6 @@ PRESETS = {
 }
 
 
-class _BinaryUnits:
-    """Bits: one logit per dimension, input feature ``e(x_i) = x_i``."""
-
-    width = 1
-
-    def features(self, x: Tensor) -> Tensor:
-        return x.unsqueeze(-1)
-
-    def log_prob(self, logits: Tensor, x: Tensor) -> Tensor:
-        return -F.binary_cross_entropy_with_logits(logits.squeeze(-1), x, reduction="none")
-
-    def sample(self, logits: Tensor, generator: Optional[torch.Generator]) -> Tensor:
-        return torch.bernoulli(torch.sigmoid(logits.squeeze(-1)), generator=generator)
-
-
-class _CategoricalUnits:
-    """Levels ``0..K-1`` stored as floats: ``K`` logits per dimension, one-hot inputs."""
-
-    def __init__(self, num_levels: int):
-        self.width = num_levels
-
-    def features(self, x: Tensor) -> Tensor:
-        return F.one_hot(x.long(), self.width).to(x.dtype)
-
-    def log_prob(self, logits: Tensor, x: Tensor) -> Tensor:
-        return torch.log_softmax(logits, -1).gather(-1, x.long().unsqueeze(-1)).squeeze(-1)
-
-    def sample(self, logits: Tensor, generator: Optional[torch.Generator]) -> Tensor:
-        probs = torch.softmax(logits, -1)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits.dtype)
-
-
 class NADE(AutoregressiveModel):
     """NADE for binary or categorical data, in the natural order of the flattened datapoint."""
 
@@ -103,20 +71,12 @@ class NADE(AutoregressiveModel):
     def __init__(self, data_spec: DataSpec, config: Optional[NADEConfig] = None):
         super().__init__(data_spec)
         self.config = config = config or NADEConfig()
-        if data_spec.support == "binary":
-            self.units = _BinaryUnits()
-        elif data_spec.support == "categorical":
-            self.units = _CategoricalUnits(data_spec.num_levels)
-        else:
-            raise DGMError(
-                f"NADE models binary or categorical data, got {data_spec.describe()}; real-valued data "
-                "needs RNADE (mixture-of-Gaussians conditionals), which this suite does not implement"
-            )
+        self.units = units_for(data_spec, "NADE")
         if config.hidden < 1:
             raise DGMError(f"hidden must be >= 1, got {config.hidden}")
         d, h = data_spec.dim, config.hidden
         # binary: W [H, D], V [D, H], b [D]; categorical: W [H, D, K], V [D, K, H], b [D, K]
-        level = () if data_spec.support == "binary" else (self.units.width,)
+        level = () if data_spec.support == "binary" else (self.units.levels,)
         self.W = nn.Parameter(torch.empty((h, d) + level).uniform_(-1, 1) / math.sqrt(d))
         self.c = nn.Parameter(torch.zeros(h))
         self.V = nn.Parameter(torch.empty((d,) + level + (h,)).uniform_(-1, 1) / math.sqrt(h))
@@ -147,7 +107,8 @@ class NADE(AutoregressiveModel):
 
     def conditional_log_probs(self, x: Tensor) -> Tensor:
         flat = x.reshape(x.shape[0], -1)
-        return self.units.log_prob(self.conditional_logits(self.units.features(flat)), flat)
+        logits = self.conditional_logits(self.units.features(flat))
+        return self.units.log_prob(self.units.natural(logits), flat)
 
     @torch.no_grad()
     def sample(self, n: int, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -158,6 +119,6 @@ class NADE(AutoregressiveModel):
         x = self.c.new_empty(n, self.data_spec.dim)
         for i in range(self.data_spec.dim):
             logits = torch.sigmoid(a) @ w_out[i].T + bias[i]  # [n, K]
-            x[:, i] = self.units.sample(logits, generator)
+            x[:, i] = self.units.sample(self.units.natural(logits), generator)
             a = a + self.units.features(x[:, i]) @ w_in[i]
         return x.reshape((n,) + tuple(self.data_spec.event_shape))
