@@ -7,6 +7,7 @@
 from models.autoregressive.fvsbn import FVSBN, FVSBNConfig
 from models.autoregressive.made import MADE, MADEConfig
 from models.autoregressive.nade import NADE, NADEConfig
+from models.autoregressive.rnade import RNADE, RNADEConfig
 from models.base import DataError, DataSpec, DGMError, GenerativeModel
 from models.latent.ppca import PPCA, PPCAConfig
 from models.latent.vae import VAE, VAEConfig
@@ -17,6 +18,7 @@ REGISTRY = {
     "fvsbn": FVSBN,
     "nade": NADE,
     "made": MADE,
+    "rnade": RNADE,
 }
 
 __all__ = [
@@ -35,4 +37,6 @@ __all__ = [
     "NADEConfig",
     "MADE",
     "MADEConfig",
+    "RNADE",
+    "RNADEConfig",
 ]

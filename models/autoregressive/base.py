@@ -28,6 +28,14 @@ from models.base import DataSpec, GenerativeModel
 _SUPPORTS = {"binary": constraints.boolean, "real": constraints.real}
 
 
+def tied_preactivations(contrib: Tensor, c: Tensor) -> Tensor:
+    """``a_i = c + sum_{j < i} contrib_j`` for every ``i``, from ``contrib [B, D, H]``
+    (``contrib_j = W_{:, j} e(x_j)``): the exclusive cumulative sum over the dimension axis
+    that gives NADE-style tied-weight models all hidden states in one pass."""
+    before = torch.cumsum(contrib[:, :-1], dim=1)
+    return c + torch.cat([torch.zeros_like(contrib[:, :1]), before], dim=1)
+
+
 class AutoregressiveDistribution(dist.TorchDistribution):
     """A distribution over whole datapoints backed by an autoregressive model's exact
     ``log_prob`` and ancestral ``sample``. Plates may expand its batch shape; ``log_prob``

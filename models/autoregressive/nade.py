@@ -41,7 +41,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from models.autoregressive.base import AutoregressiveModel
+from models.autoregressive.base import AutoregressiveModel, tied_preactivations
 from models.base import DataSpec, DGMError
 from models.nn.units import units_for
 
@@ -101,8 +101,7 @@ class NADE(AutoregressiveModel):
         """``[B, D, K]`` output logits of every conditional from input features ``[B, D, K]``
         (differentiable in the features, so a relaxed one-hot may be passed)."""
         contrib = torch.einsum("bdk,dkh->bdh", features, self._input_weights())  # W_{:, j} e(x_j)
-        before = torch.cumsum(contrib[:, :-1], dim=1)  # sum over j <= i - 1, for i = 1..D-1
-        a = self.c + torch.cat([torch.zeros_like(contrib[:, :1]), before], dim=1)
+        a = tied_preactivations(contrib, self.c)
         return torch.einsum("bdh,dkh->bdk", torch.sigmoid(a), self._output_weights()) + self._output_bias()
 
     def conditional_log_probs(self, x: Tensor) -> Tensor:
