@@ -23,3 +23,14 @@ def _reset_global_state():
 def float64():
     torch.set_default_dtype(torch.float64)
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tests of small tensors: threads buy nothing there, and on a
+    shared 2-core machine a busy neighbour process makes OpenMP's waiting threads slow
+    training ~20x. Restores the previous setting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

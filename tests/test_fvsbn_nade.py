@@ -21,15 +21,7 @@ from models.autoregressive.nade import NADE, NADEConfig
 from models.base import DataError, DataSpec, DGMError
 from models.nn.masked import order_degrees
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are small: intra-op threads buy nothing, and on a shared 2-core machine
-    a busy neighbour process makes OpenMP's waiting threads slow training ~20x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def binary(*shape):

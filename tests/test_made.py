@@ -15,14 +15,7 @@ from models.base import DataSpec, DGMError
 AGNOSTIC = dict(order_agnostic=True, connectivity_agnostic=True)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These networks are tiny: a second intra-op thread buys nothing, and on a shared 2-core
-    machine its spin-waiting made the digits run 5 to 20 times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def all_configurations(dim, levels=2):

@@ -19,15 +19,7 @@ from inference import ELBO, Runner, TrainConfig
 from models.autoregressive.rnade import RNADE, RNADEConfig
 from models.base import DataError, DataSpec, DGMError
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are small: intra-op threads buy nothing, and on a shared 2-core machine
-    a busy neighbour process makes OpenMP's waiting threads slow training ~20x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def real(*shape):
