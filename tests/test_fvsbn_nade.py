@@ -20,6 +20,7 @@ from models.autoregressive.fvsbn import FVSBN, FVSBNConfig
 from models.autoregressive.nade import NADE, NADEConfig
 from models.base import DataError, DataSpec, DGMError
 from models.nn.masked import order_degrees
+from tests.helpers import fit_exact
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -294,17 +295,6 @@ def independent_nll(train, test, k):
     return float(-log_p.gather(-1, test.long().T).sum(0).mean())
 
 
-def fit(model, data, lr):
-    config = TrainConfig(epochs=30, batch_size=100, lr=lr, device="cpu", progress=False)
-    runner = Runner(model, data, ELBO(1), config=config)
-    runner.fit()
-    result = runner.evaluate()
-    assert result["estimator"] == "exact" and result["n"] == len(data.test)
-    with torch.no_grad():
-        assert abs(result["nll"] + float(model.log_prob(data.test).mean())) < 1e-4
-    return result["nll"]
-
-
 @pytest.mark.parametrize(
     "model,lr",
     [(lambda s: FVSBN(s), 1e-2), (lambda s: NADE(s, NADE.presets["small"]), 1e-2)],
@@ -313,7 +303,7 @@ def fit(model, data, lr):
 def test_training_on_binary_digits_beats_independent_bernoullis(model, lr):
     data = datasets.load("digits")
     baseline = independent_nll(data.train, data.test, 2)
-    nll = fit(model(data.spec), data, lr)
+    nll = fit_exact(model(data.spec), data, lr=lr)
     print(f"digits test NLL: {nll:.2f} nats vs independent Bernoulli {baseline:.2f}")
     assert nll < baseline - 5.0
 
@@ -321,7 +311,7 @@ def test_training_on_binary_digits_beats_independent_bernoullis(model, lr):
 def test_training_categorical_nade_on_digits17_beats_independent_categoricals():
     data = datasets.load("digits17")
     baseline = independent_nll(data.train, data.test, 17)
-    nll = fit(NADE(data.spec, NADE.presets["small"]), data, 3e-3)  # at 1e-2 it overfits 1,257 images
+    nll = fit_exact(NADE(data.spec, NADE.presets["small"]), data, lr=3e-3)  # at 1e-2 it overfits 1,257 images
     print(f"digits17 test NLL: {nll:.2f} nats vs independent categorical {baseline:.2f}")
     assert nll < baseline - 10.0
 
