@@ -111,19 +111,12 @@ def _data_dim(site) -> Optional[int]:
     return None
 
 
-def _data_scale(trace) -> float:
+def _data_frame(trace):
+    """The ``"data"`` plate's frame (its ``size`` is the batch, ``full_size`` the dataset)."""
     for _, site in _sample_sites(trace):
         for frame in site["cond_indep_stack"]:
             if frame.name == DATA_PLATE:
-                return (frame.full_size or frame.size) / frame.size
-    return 1.0
-
-
-def _batch_size(trace) -> int:
-    for _, site in _sample_sites(trace):
-        for frame in site["cond_indep_stack"]:
-            if frame.name == DATA_PLATE:
-                return frame.size
+                return frame
     raise DGMError(f"the model has no {DATA_PLATE!r} plate; wrap its sites in model.data_plate(...)")
 
 
@@ -166,7 +159,8 @@ def compute_log_weights(
             guide_fn = _DetachSamples()(guide_fn)
         guide_trace = poutine.trace(guide_fn).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(particles(model), trace=guide_trace)).get_trace(*args, **kwargs)
-    shape = (num_particles, _batch_size(model_trace))
+    frame = _data_frame(model_trace)
+    shape = (num_particles, frame.size)
     lik, prior, q, q_sf, kls, kl_free = [], [], [], [], [], []
     has_sf = False
 
@@ -212,7 +206,7 @@ def compute_log_weights(
         log_q=log_q,
         log_q_sf=total(q_sf),
         has_sf=has_sf,
-        scale=_data_scale(model_trace),
+        scale=(frame.full_size or frame.size) / frame.size,
         kl=total(kls) if analytic_kl else None,
         kl_free_log_ratio=total(kl_free) if analytic_kl else None,
     )

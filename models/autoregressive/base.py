@@ -23,7 +23,7 @@ import torch
 from pyro.distributions import constraints
 from torch import Tensor
 
-from models.base import DataSpec, GenerativeModel
+from models.base import GenerativeModel
 
 _SUPPORTS = {"binary": constraints.boolean, "real": constraints.real}
 
@@ -76,9 +76,6 @@ class AutoregressiveModel(GenerativeModel):
     """Base class: a fully observed model with exact ``log_prob`` and ancestral ``sample``."""
 
     has_exact_log_prob = True
-
-    def __init__(self, data_spec: DataSpec) -> None:
-        super().__init__(data_spec)
 
     def model(self, x: Tensor, idx: Optional[Tensor] = None, size: Optional[int] = None):
         with self.data_plate(x, idx, size):
