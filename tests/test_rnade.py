@@ -149,7 +149,7 @@ def test_vectorized_pass_equals_a_per_dimension_loop(float64):
 def test_samples_match_the_first_marginal_and_the_moments_of_the_second(float64):
     model = perturbed(2, hidden=8, components=3, scale=0.5, seed=3)
     n = 100_000
-    x = model.sample(n, torch.Generator().manual_seed(0))
+    x = model.sample(n, generator=torch.Generator().manual_seed(0))
     assert x.shape == (n, 2) and torch.isfinite(x).all()
     with torch.no_grad():
         # x_0: its conditional has no past, so its marginal is one closed-form mixture.

@@ -9,8 +9,14 @@ log p(x).
 
 A subclass implements ``conditional_log_probs(x) -> [B, D]`` (``log p(x_i | x_<i)`` for
 each dimension of the flattened datapoint, in the data's own indexing whatever the
-generation order) and ``sample(n) -> [n, *event_shape]``; ``log_prob`` sums the
-conditionals. Tests prove causality through the gradients of the conditionals.
+generation order) and ``sample(n, given=None) -> [n, *event_shape]``; ``log_prob`` sums
+the conditionals. Tests prove causality through the gradients of the conditionals.
+
+Completion (inpainting) is conditional ancestral sampling: ``given`` is a tensor
+``[n, *event_shape]`` holding known values and NaN where values are to be drawn. Known
+values are clamped as sampling proceeds, which draws exactly from ``p(x_unknown | x_known)``
+when every known position precedes every unknown one in the generation order (the top half
+of a raster-scanned image); :meth:`AutoregressiveModel.known_mask` refuses anything else.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import torch
 from pyro.distributions import constraints
 from torch import Tensor
 
-from models.base import GenerativeModel
+from models.base import DGMError, GenerativeModel
 
 _SUPPORTS = {"binary": constraints.boolean, "real": constraints.real}
 
@@ -89,5 +95,39 @@ class AutoregressiveModel(GenerativeModel):
         """Exact ``log p(x)`` per datapoint, in nats: the sum of the conditionals."""
         return self.conditional_log_probs(x).sum(-1)
 
-    def sample(self, n: int) -> Tensor:
+    def sample(self, n: int, given: Optional[Tensor] = None) -> Tensor:
+        """``[n, *event_shape]`` ancestral samples; ``given`` clamps known values (NaN = draw)."""
         raise NotImplementedError
+
+    def known_mask(self, given: Optional[Tensor], n: int, order: Optional[Tensor] = None) -> Optional[Tensor]:
+        """Check ``given`` for ``sample(n, given)`` and return its flat known mask ``[n, D]``
+        (``None`` if ``given`` is ``None``). ``order`` is the generation order (positions of
+        the flattened datapoint, first drawn first; the natural order if ``None``): a known
+        position after an unknown one would make clamping a heuristic, not a conditional
+        sample, so it is refused."""
+        if given is None:
+            return None
+        shape = (n,) + tuple(self.data_spec.event_shape)
+        if tuple(given.shape) != shape:
+            raise DGMError(f"given must have shape {list(shape)} (NaN where to sample), got {list(given.shape)}")
+        known = ~torch.isnan(given.reshape(n, -1))
+        if order is not None:
+            known = known[:, order.to(known.device)]
+        if (known[:, 1:] & ~known[:, :-1]).any():
+            raise DGMError(
+                "conditional sampling needs every known position to come before every unknown one "
+                "in the generation order (e.g. the top half of an image for a raster-order model); "
+                "this model's order puts a known position after an unknown one"
+            )
+        if order is not None:
+            known = ~torch.isnan(given.reshape(n, -1))
+        return known
+
+    def clamp(self, x: Tensor, given: Optional[Tensor], known: Optional[Tensor], position) -> Tensor:
+        """Overwrite ``x[:, position]`` (flat ``[n, D]`` samples) with the known values of
+        ``given`` where ``known``; returns ``x``. ``position`` is an int or an index tensor."""
+        if known is not None:
+            flat = given.reshape(given.shape[0], -1).to(x)
+            k = known[:, position]
+            x[:, position] = torch.where(k, flat[:, position], x[:, position])
+        return x

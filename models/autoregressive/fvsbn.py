@@ -94,12 +94,17 @@ class FVSBN(AutoregressiveModel):
         return -F.binary_cross_entropy_with_logits(self.conditional_logits(flat), flat, reduction="none")
 
     @torch.no_grad()
-    def sample(self, n: int, generator: Optional[torch.Generator] = None) -> Tensor:
+    def sample(
+        self, n: int, given: Optional[Tensor] = None, generator: Optional[torch.Generator] = None
+    ) -> Tensor:
         """``n`` ancestral samples ``[n, *event_shape]``: ``D`` steps in the generation order.
-        Positions not yet drawn are zero and masked out of every logit that is computed."""
+        Positions not yet drawn are zero and masked out of every logit that is computed;
+        ``given`` clamps known positions (NaN elsewhere; see the base class)."""
+        known = self.known_mask(given, n, self.order)
         weight = self.linear.mask * self.linear.weight
         x = weight.new_zeros(n, self.data_spec.dim)
         for i in self.order.tolist():
             logit = x @ weight[i] + self.linear.bias[i]
             x[:, i] = torch.bernoulli(torch.sigmoid(logit), generator=generator)
+            self.clamp(x, given, known, i)
         return x.reshape((n,) + tuple(self.data_spec.event_shape))

@@ -225,25 +225,49 @@ class MADE(AutoregressiveModel):
 
     # --- sampling ------------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, n: int, mask_index: Optional[int] = None, generator: Optional[torch.Generator] = None) -> Tensor:
+    def sample(
+        self,
+        n: int,
+        given: Optional[Tensor] = None,
+        mask_index: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> Tensor:
         """``n`` ancestral samples ``[n, *event_shape]``, ``D`` network passes per mask set.
         ``generator`` (on the model's device) makes them reproducible.
 
         ``mask_index=None`` samples the eval-mode model, the mixture of the first ``ensemble``
         sets (each sample picks one uniformly), so samples and ``log_prob`` agree; an index
-        samples that set's MADE in its order."""
+        samples that set's MADE in its order.
+
+        ``given`` clamps known positions (NaN elsewhere). Each member must generate the known
+        positions first; the ensemble then picks member ``m`` with probability
+        ``p(m | x_known) ∝ p_m(x_known)`` (the product of ``m``'s conditionals over the known
+        prefix), so the draw is exactly from the ensemble's ``p(x_unknown | x_known)``."""
         ref = self.layers[0].weight
         x = torch.zeros(n, self.data_spec.dim, dtype=ref.dtype, device=ref.device)
-        if mask_index is None:
+        members = [self._resolve(mask_index)] if mask_index is not None else list(range(self.config.ensemble))
+        known = None
+        for m in members:
+            known = self.known_mask(given, n, self.orders[m])
+        if known is not None:
+            x = torch.where(known, given.reshape(n, -1).to(x), x)
+        if mask_index is not None:
+            member = torch.full((n,), members[0], device=ref.device)
+        elif known is None:
             member = torch.randint(self.config.ensemble, (n,), generator=generator, device=ref.device)
         else:
-            member = torch.full((n,), self._resolve(mask_index), device=ref.device)
+            prefix = torch.stack([(self.conditional_log_probs(x, m) * known).sum(-1) for m in members], -1)
+            member = torch.multinomial(torch.softmax(prefix, -1), 1, generator=generator)[:, 0]
         for m in range(self.num_masks):
             rows = (member == m).nonzero().squeeze(-1)
             if len(rows) == 0:
                 continue
             xm = x[rows]
+            km = None if known is None else known[rows]
             for i in self.orders[m].tolist():
-                xm[:, i] = self.units.sample(self.logits(xm, m)[:, i], generator)
+                if km is not None and bool(km[:, i].all()):
+                    continue  # known everywhere: already in place
+                drawn = self.units.sample(self.logits(xm, m)[:, i], generator)
+                xm[:, i] = drawn if km is None else torch.where(km[:, i], xm[:, i], drawn)
             x[rows] = xm
         return x.reshape((n,) + tuple(self.data_spec.event_shape))

@@ -110,14 +110,19 @@ class NADE(AutoregressiveModel):
         return self.units.log_prob(self.units.natural(logits), flat)
 
     @torch.no_grad()
-    def sample(self, n: int, generator: Optional[torch.Generator] = None) -> Tensor:
+    def sample(
+        self, n: int, given: Optional[Tensor] = None, generator: Optional[torch.Generator] = None
+    ) -> Tensor:
         """``n`` ancestral samples ``[n, *event_shape]``: ``D`` steps of O(H K) each, carrying
-        the pre-activation ``a`` forward instead of recomputing it."""
+        the pre-activation ``a`` forward instead of recomputing it. ``given`` clamps known
+        positions (NaN elsewhere; the natural order, see the base class)."""
+        known = self.known_mask(given, n)
         w_in, w_out, bias = self._input_weights(), self._output_weights(), self._output_bias()
         a = self.c.expand(n, -1)
         x = self.c.new_empty(n, self.data_spec.dim)
         for i in range(self.data_spec.dim):
             logits = torch.sigmoid(a) @ w_out[i].T + bias[i]  # [n, K]
             x[:, i] = self.units.sample(self.units.natural(logits), generator)
+            self.clamp(x, given, known, i)
             a = a + self.units.features(x[:, i]) @ w_in[i]
         return x.reshape((n,) + tuple(self.data_spec.event_shape))

@@ -120,9 +120,13 @@ class RNADE(AutoregressiveModel):
         return torch.logsumexp(log_pi + log_normal, dim=-1)
 
     @torch.no_grad()
-    def sample(self, n: int, generator: Optional[torch.Generator] = None) -> Tensor:
+    def sample(
+        self, n: int, given: Optional[Tensor] = None, generator: Optional[torch.Generator] = None
+    ) -> Tensor:
         """``n`` ancestral samples ``[n, *event_shape]``: ``D`` steps of O(H K) each, carrying
-        the pre-activation ``a`` forward instead of recomputing it."""
+        the pre-activation ``a`` forward instead of recomputing it. ``given`` clamps known
+        positions (NaN elsewhere; the natural order, see the base class)."""
+        known = self.known_mask(given, n)
         a = self.c.expand(n, -1)
         x = self.c.new_empty(n, self.data_spec.dim)
         for i in range(self.data_spec.dim):
@@ -130,5 +134,6 @@ class RNADE(AutoregressiveModel):
             comp = torch.multinomial(log_pi.exp(), 1, generator=generator)  # [n, 1]
             eps = torch.randn(n, generator=generator, device=a.device, dtype=a.dtype)
             x[:, i] = mu.gather(-1, comp)[:, 0] + sigma.gather(-1, comp)[:, 0] * eps
+            self.clamp(x, given, known, i)
             a = a + x[:, i, None] * self.W[:, i]
         return x.reshape((n,) + tuple(self.data_spec.event_shape))
