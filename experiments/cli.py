@@ -3,7 +3,8 @@
     dgm list
     dgm train MODEL --data mnist --objective iwae --k 5 --guide amortized --epochs 20
     dgm eval RUN --estimator is --k 5000
-    dgm sample RUN [--n 64] [--out FILE]
+    dgm sample RUN [--n 64] [--out FILE] [--condition-on top-half]
+    dgm score RUN --data ood:inverted
     dgm compare RUN [RUN ...]
     dgm reproduce quickstart
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import math
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -182,9 +184,55 @@ def cmd_sample(a) -> None:
     from experiments.runs import load_run
 
     _, runner, data = load_run(a.run)
-    out = a.out or Path(a.run) / "samples.png"
-    save_samples(runner.model, data.spec, out, n=a.n)
+    if a.condition_on is not None:
+        from experiments.plots import save_completions
+
+        out = a.out or Path(a.run) / f"completions-{a.condition_on}.png"
+        save_completions(runner.model, data.spec, data.test[: a.images], out, a.condition_on, per_image=a.per_image)
+    else:
+        out = a.out or Path(a.run) / "samples.png"
+        save_samples(runner.model, data.spec, out, n=a.n)
     print(f"wrote {out}")
+
+
+def _score_data(run: Path, name: Optional[str], split: str):
+    """The tensor ``dgm score`` scores: a dataset's split (the run's own dataset by
+    default), or an OOD set made from the run's own test data (``ood:NAME``)."""
+    from experiments import data as datasets
+    from experiments.runs import RunSpec
+
+    spec = RunSpec.from_json(json.loads((Path(run) / "config.json").read_text()))
+    options = dict(binarization=spec.binarization, split=spec.split, seed=spec.train.seed)
+    if name is not None and name.startswith("ood:"):
+        from experiments.anomaly import ood_set
+
+        return ood_set(name[4:], datasets.load(spec.data, **options).test)
+    return getattr(datasets.load(name or spec.data, **options), split)
+
+
+def cmd_score(a) -> None:
+    from experiments.runs import score_run
+
+    if not (Path(a.run) / "config.json").exists():
+        raise DGMError(f"{a.run} is not a run directory (no config.json); train one with `dgm train`")
+    x = _score_data(a.run, a.data, a.split)
+    if a.limit is not None:
+        x = x[: a.limit]
+    est = score_run(a.run, x, estimator=a.estimator, k=a.k)
+    bits = -est.log_px / (math.log(2) * x[0].numel())
+    tag = (a.data or "own-data").replace(":", "-").replace("/", "-")
+    out = a.out or Path(a.run) / f"scores-{tag}-{a.split}.csv"
+    tmp = Path(str(out) + ".tmp")
+    with open(tmp, "w") as f:
+        f.write("index,log_px,mc_stderr,bits_per_dim\n")
+        for i, (lp, se, b) in enumerate(zip(est.log_px.tolist(), est.stderr.tolist(), bits.tolist())):
+            f.write(f"{i},{lp:.6f},{se:.6f},{b:.6f}\n")
+    tmp.replace(out)
+    print(
+        f"scored {len(x)} datapoints ({est.method}"
+        + (f", K={est.num_samples}" if est.num_samples else "")
+        + f"): mean log p(x) {float(est.log_px.mean()):.3f} nats, {float(bits.mean()):.4f} bits/dim; wrote {out}"
+    )
 
 
 def cmd_compare(a) -> None:
@@ -219,7 +267,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", type=Path)
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument(
+        "--condition-on",
+        default=None,
+        choices=["top-half", "top-quarter"],
+        help="complete test images from their known part (autoregressive models)",
+    )
+    p.add_argument("--images", type=int, default=8, help="with --condition-on: test images to complete")
+    p.add_argument("--per-image", type=int, default=6, help="with --condition-on: completions per image")
     p.set_defaults(fn=cmd_sample)
+    p = sub.add_parser("score", help="per-datapoint log p(x) and bits/dim of a dataset under a trained run (CSV)")
+    p.add_argument("run", type=Path)
+    p.add_argument(
+        "--data",
+        default=None,
+        help="dataset name (default: the run's), or ood:noise|ood:inverted|ood:rotated|ood:digits-upsampled",
+    )
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--estimator", default="auto", choices=["auto", "exact", "naive", "is"])
+    p.add_argument("--k", type=int, default=1000, help="importance samples per datapoint (latent models)")
+    p.add_argument("--limit", type=int, default=None, help="first N datapoints only")
+    p.add_argument("--out", type=Path, default=None, help="CSV path (default RUN/scores-DATA-SPLIT.csv)")
+    p.set_defaults(fn=cmd_score)
     p = sub.add_parser("compare", help="a table of finished runs")
     p.add_argument("runs", type=Path, nargs="+")
     p.set_defaults(fn=cmd_compare)

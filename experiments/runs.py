@@ -90,13 +90,22 @@ def _write_json(path: Path, obj) -> None:
     tmp.replace(path)
 
 
+_DISPLAY_ONLY = ("progress",)  # train fields that change what is printed, not what is computed
+
+
+def _defining(spec_json: dict) -> dict:
+    """A spec without its display-only fields: two specs that agree here are the same run."""
+    train = {k: v for k, v in spec_json.get("train", {}).items() if k not in _DISPLAY_ONLY}
+    return {**spec_json, "train": train}
+
+
 def train_run(spec: RunSpec, run_dir: Path) -> dict:
     """Train (or resume) the run in ``run_dir``, evaluate it and write ``summary.json``."""
     run_dir = Path(run_dir)
     config_path = run_dir / "config.json"
     if config_path.exists():
         old = json.loads(config_path.read_text())
-        if old != json.loads(json.dumps(spec.to_json(), default=str)):
+        if _defining(old) != _defining(json.loads(json.dumps(spec.to_json(), default=str))):
             raise DGMError(
                 f"{run_dir} holds a run with a different configuration; choose another --run-dir "
                 "or delete it (resuming needs the same command)"
@@ -170,6 +179,32 @@ def evaluate_run(
     name = f"eval_{result['estimator']}_K{result['K']}_{split}{'' if limit is None else f'_n{limit}'}.json"
     _write_json(Path(run_dir) / name, result)
     return result
+
+
+def score_run(run_dir: Path, x: torch.Tensor, estimator: str = "auto", k: int = 1000, progress: bool = True):
+    """Per-datapoint ``log p(x)`` of the trained run on ``x``: an :class:`Estimate` (exact
+    where the model has it, else importance sampling with the run's amortized guide)."""
+    from inference.estimators import estimate_dataset
+    from inference.runner import eval_mode
+
+    spec, runner, data = load_run(run_dir)
+    runner.model.check_data(x, "scored data")
+    method = ("exact" if runner.model.has_exact_log_prob else "is") if estimator == "auto" else estimator
+    if method != "exact" and spec.guide != "amortized":
+        raise DGMError(
+            f"{run_dir} has a {spec.guide} guide, which cannot score new data; use --estimator exact or naive, "
+            "or train with --guide amortized"
+        )
+    with eval_mode(runner.model, runner.guide_module):
+        return estimate_dataset(
+            runner.model,
+            x.to(runner.device),
+            method=method,
+            num_samples=k,
+            guide=runner.guide if method == "is" else None,
+            batch_size=runner.config.eval_batch_size,
+            progress=progress,
+        )
 
 
 COLUMNS = [
