@@ -90,7 +90,7 @@ def _write_json(path: Path, obj) -> None:
     tmp.replace(path)
 
 
-_DISPLAY_ONLY = ("progress",)  # train fields that change what is printed, not what is computed
+_DISPLAY_ONLY = ("progress", "log_every", "checkpoint_seconds")  # change what is logged, not computed
 
 
 def _defining(spec_json: dict) -> dict:

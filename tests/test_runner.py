@@ -99,6 +99,9 @@ def test_cli_refuses_a_run_directory_with_another_configuration(tmp_path):
     assert _run(args).returncode == 0
     out = _run(args + ["--preset", "small"])
     assert out.returncode == 2 and "different configuration" in out.stderr
+    # what is only printed or logged does not make another run: the finished run is reused
+    out = _run([a for a in args if a != "--no-progress"] + ["--log-every", "7"])
+    assert out.returncode == 0, out.stderr
 
 
 class _Data:
