@@ -114,6 +114,7 @@ DATASETS: Dict[str, str] = {
     "mnist-logit": "MNIST dequantized and mapped to logit space (MAF paper); real-valued",
     "digits": "scikit-learn 8x8 digits, binarized at pixel >= 8 (1,257/180/360)",
     "digits17": "scikit-learn 8x8 digits with their 17 grey levels 0..16 (categorical)",
+    "names": "census first names as END-padded character tokens (4,131/516/516); needs `pip install names`",
     "moons": "2-D toy: two interleaving half circles",
     "rings": "2-D toy: four concentric circles",
     "checkerboard": "2-D toy: uniform on the dark squares of a 4x4 checkerboard",
@@ -677,6 +678,13 @@ def _load_ppca(req: _Request) -> Dataset:
     return Dataset(req.name, DataSpec((PPCA_DIM,), "real"), **data, info=info)
 
 
+def _load_names(req: _Request) -> Dataset:
+    """First names as character tokens; see :mod:`experiments.names`."""
+    from experiments.names import load_names
+
+    return load_names()
+
+
 # --- entry point ----------------------------------------------------------------------------------
 
 _BUILDERS: Dict[str, Callable[[_Request], Dataset]] = {
@@ -687,6 +695,7 @@ _BUILDERS: Dict[str, Callable[[_Request], Dataset]] = {
     "digits17": _load_digits,
     **{name: _load_toy for name in _TOY},
     "ppca": _load_ppca,
+    "names": _load_names,
 }
 
 

@@ -4,10 +4,12 @@
 ``config_class`` (a dataclass of its hyperparameters) and ``presets`` (named configs).
 """
 
+from models.autoregressive.charrnn import CharRNN, CharRNNConfig
 from models.autoregressive.fvsbn import FVSBN, FVSBNConfig
 from models.autoregressive.made import MADE, MADEConfig
 from models.autoregressive.nade import NADE, NADEConfig
 from models.autoregressive.rnade import RNADE, RNADEConfig
+from models.autoregressive.transformer import Transformer, TransformerConfig
 from models.base import DataError, DataSpec, DGMError, GenerativeModel
 from models.latent.ppca import PPCA, PPCAConfig
 from models.latent.vae import VAE, VAEConfig
@@ -19,6 +21,8 @@ REGISTRY = {
     "nade": NADE,
     "made": MADE,
     "rnade": RNADE,
+    "charrnn": CharRNN,
+    "transformer": Transformer,
 }
 
 __all__ = [
@@ -39,4 +43,8 @@ __all__ = [
     "MADEConfig",
     "RNADE",
     "RNADEConfig",
+    "CharRNN",
+    "CharRNNConfig",
+    "Transformer",
+    "TransformerConfig",
 ]

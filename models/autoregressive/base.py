@@ -121,13 +121,13 @@ class AutoregressiveModel(GenerativeModel):
             )
         if order is not None:
             known = ~torch.isnan(given.reshape(n, -1))
-        return known
+        return known.to(self.device)
 
     def clamp(self, x: Tensor, given: Optional[Tensor], known: Optional[Tensor], position) -> Tensor:
         """Overwrite ``x[:, position]`` (flat ``[n, D]`` samples) with the known values of
         ``given`` where ``known``; returns ``x``. ``position`` is an int or an index tensor."""
         if known is not None:
-            flat = given.reshape(given.shape[0], -1).to(x)
+            flat = given.reshape(given.shape[0], -1).to(x)  # given may live on another device
             k = known[:, position]
             x[:, position] = torch.where(k, flat[:, position], x[:, position])
         return x
