@@ -189,6 +189,12 @@ def cmd_sample(a) -> None:
 
         out = a.out or Path(a.run) / f"completions-{a.condition_on}.png"
         save_completions(runner.model, data.spec, data.test[: a.images], out, a.condition_on, per_image=a.per_image)
+    elif "alphabet" in data.info:  # strings (names): text, not pictures
+        from experiments.plots import save_text_samples
+
+        out = a.out or Path(a.run) / "samples.txt"
+        save_text_samples(runner.model, data.info["alphabet"], out, n=a.n)
+        print(out.read_text(), end="")
     else:
         out = a.out or Path(a.run) / "samples.png"
         save_samples(runner.model, data.spec, out, n=a.n)

@@ -88,3 +88,17 @@ def save_completions(model, spec: DataSpec, x: torch.Tensor, path: Path, conditi
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return Path(path)
+
+
+def save_text_samples(model, alphabet: str, path: Path, n: int = 20, temperatures=(1.0, 0.7)) -> Path:
+    """Sampled strings (END-padded token data, e.g. names) at each temperature, as text."""
+    from experiments.names import decode_names
+
+    lines = []
+    with eval_mode(model), torch.no_grad():
+        for t in temperatures:
+            g = torch.Generator(device=model.device).manual_seed(0)
+            words = decode_names(model.sample(n, temperature=t, generator=g).cpu(), alphabet)
+            lines.append(f"temperature {t}: " + " ".join(words))
+    Path(path).write_text("\n".join(lines) + "\n")
+    return Path(path)

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from experiments import data as datasets
-from experiments.plots import save_samples
+from experiments.plots import save_samples, save_text_samples
 from inference.objectives import make_objective
 from inference.runner import Runner, TrainConfig
 from models import REGISTRY
@@ -133,7 +133,13 @@ def train_run(spec: RunSpec, run_dir: Path) -> dict:
         "test": runner.evaluate(),
         "wall_seconds": round(time.time() - t0, 2),
     }
-    if data.spec.image_shape is not None or data.spec.dim == 2:
+    if "alphabet" in data.info:  # END-padded strings: the per-character view, and text samples
+        from models.autoregressive.sequence import nats_per_char
+
+        summary["test"]["nats_per_char"] = nats_per_char(runner.model, data.test.to(runner.device))
+        summary["val_nats_per_char"] = nats_per_char(runner.model, data.val.to(runner.device))
+        save_text_samples(runner.model, data.info["alphabet"], run_dir / "samples.txt")
+    elif data.spec.image_shape is not None or data.spec.dim == 2:
         n = 64 if data.spec.image_shape is not None else 2000  # a grid of images, or a 2-D scatter
         save_samples(runner.model, data.spec, run_dir / "samples.png", n=n)
     _write_json(run_dir / "summary.json", summary)
@@ -217,6 +223,7 @@ COLUMNS = [
     ("estimator", lambda s: s["test"]["estimator"] + (f" K={s['test']['K']}" if s["test"]["K"] else "")),
     ("test ELBO", lambda s: f"{s['test']['elbo']:.2f}" if s["test"].get("elbo") == s["test"].get("elbo") else "-"),
     ("active units", lambda s: str(s["test"].get("active_units", "-"))),
+    ("nats/char", lambda s: f"{s['test']['nats_per_char']:.3f}" if "nats_per_char" in s["test"] else "-"),
     ("k-hat>0.7", lambda s: f"{s['test']['khat_frac_above_0.7']:.1%}" if s["test"]["K"] else "-"),
 ]
 

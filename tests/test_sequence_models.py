@@ -434,3 +434,18 @@ def test_raster_scan_training_on_digits_beats_the_independent_model(model_name):
     model = REGISTRY[model_name](data.spec, REGISTRY[model_name].presets["small"])
     nll = fit_exact(model, data, epochs=60, lr=3e-3)
     assert nll < independent_bernoulli_nll(data.train, data.test) - 4.0
+
+
+def test_a_names_run_reports_nats_per_char_and_writes_text_samples(tmp_path):
+    from experiments.runs import RunSpec, train_run
+
+    spec = RunSpec(
+        model="charrnn", preset="small", data="names", train=TrainConfig(epochs=1, max_steps=5, progress=False)
+    )
+    summary = train_run(spec, tmp_path / "run")
+    test = load("names").test
+    symbols = float(num_symbols(test).sum())
+    expected = summary["test"]["nll"] * len(test) / symbols  # total NLL over characters incl. END
+    assert summary["test"]["nats_per_char"] == pytest.approx(expected, rel=1e-5)
+    lines = (tmp_path / "run" / "samples.txt").read_text().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["temperature 1.0", "temperature 0.7"]
