@@ -6,8 +6,10 @@
 
 from models.autoregressive.charrnn import CharRNN, CharRNNConfig
 from models.autoregressive.fvsbn import FVSBN, FVSBNConfig
+from models.autoregressive.gated_pixelcnn import GatedPixelCNN, GatedPixelCNNConfig
 from models.autoregressive.made import MADE, MADEConfig
 from models.autoregressive.nade import NADE, NADEConfig
+from models.autoregressive.pixelcnn import PixelCNN, PixelCNNConfig
 from models.autoregressive.rnade import RNADE, RNADEConfig
 from models.autoregressive.transformer import Transformer, TransformerConfig
 from models.base import DataError, DataSpec, DGMError, GenerativeModel
@@ -23,6 +25,8 @@ REGISTRY = {
     "rnade": RNADE,
     "charrnn": CharRNN,
     "transformer": Transformer,
+    "pixelcnn": PixelCNN,
+    "gated_pixelcnn": GatedPixelCNN,
 }
 
 __all__ = [
@@ -47,4 +51,8 @@ __all__ = [
     "CharRNNConfig",
     "Transformer",
     "TransformerConfig",
+    "PixelCNN",
+    "PixelCNNConfig",
+    "GatedPixelCNN",
+    "GatedPixelCNNConfig",
 ]
