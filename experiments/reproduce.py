@@ -120,10 +120,10 @@ EXPERIMENTS = {
         [
             ("fvsbn", _ar("fvsbn", None, 50)),
             ("nade", _ar("nade", "mnist", 3)),
-            ("made-1mask", _ar("made", "mnist-1mask", 30)),
-            ("made-8masks", _ar("made", "mnist-8masks", 30)),
+            ("made-1mask", _ar("made", "mnist-1mask", 15)),
+            ("made-8masks", _ar("made", "mnist-8masks", 10)),
             ("pixelcnn", _ar("pixelcnn", "cpu", 2)),
-            ("gated-pixelcnn", _ar("gated_pixelcnn", "cpu", 2)),
+            ("gated-pixelcnn", _ar("gated_pixelcnn", "cpu", 1)),
         ],
         "Data: MNIST, dynamic binarization (train resampled every epoch; test binarized once, "
         "seed 1), 59,600/400 split; the best-validation weights are evaluated. Test NLL is exact "
@@ -159,8 +159,8 @@ EXPERIMENTS = {
         "Likelihood-based anomaly scoring: MNIST test vs OOD sets, ROC AUC of exact log p(x)",
         [
             ("fvsbn", _ar("fvsbn", None, 50)),
-            ("made-1mask", _ar("made", "mnist-1mask", 30)),
-            ("made-8masks", _ar("made", "mnist-8masks", 30)),
+            ("made-1mask", _ar("made", "mnist-1mask", 15)),
+            ("made-8masks", _ar("made", "mnist-8masks", 10)),
             ("pixelcnn", _ar("pixelcnn", "cpu", 2)),
         ],
         f"Scores: exact log p(x) of the first {ANOMALY_N:,} binarized MNIST test images and of "
