@@ -17,7 +17,7 @@ from typing import List, Optional
 import pyro
 import torch
 
-from benchmarks import ar_sampling, estimator, svi_step
+from benchmarks import ar_sampling, estimator, svi_step, wavenet_sampling
 from benchmarks.common import banner, format_table, misses, set_threads
 
 
@@ -25,7 +25,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer rounds and smaller estimator batches (~1 min)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default 1, see common.py)")
-    p.add_argument("--only", choices=("svi", "estimator", "sampling"), default=None)
+    p.add_argument("--only", choices=("svi", "estimator", "sampling", "wavenet"), default=None)
     args = p.parse_args(argv)
 
     intra, inter = set_threads(args.threads)
@@ -53,7 +53,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.only in (None, "sampling"):
         cfg = ar_sampling.SamplingConfig.quick() if args.quick else ar_sampling.SamplingConfig()
         sampling_rows = ar_sampling.run(cfg)
-    rows = svi_rows + est_rows + sampling_rows
+    wavenet_rows = []
+    if args.only in (None, "wavenet"):
+        cfg = wavenet_sampling.WaveNetSamplingConfig.quick() if args.quick else wavenet_sampling.WaveNetSamplingConfig()
+        wavenet_rows = wavenet_sampling.run(cfg)
+    rows = svi_rows + est_rows + sampling_rows + wavenet_rows
 
     print()
     print(format_table(rows))

@@ -115,6 +115,7 @@ DATASETS: Dict[str, str] = {
     "digits": "scikit-learn 8x8 digits, binarized at pixel >= 8 (1,257/180/360)",
     "digits17": "scikit-learn 8x8 digits with their 17 grey levels 0..16 (categorical)",
     "names": "census first names as END-padded character tokens (4,131/516/516); needs `pip install names`",
+    "speech": "35 spoken words synthesized by espeak-ng, 8 kHz mu-law 256 levels, 0.5 s clips; needs espeak-ng",
     "moons": "2-D toy: two interleaving half circles",
     "rings": "2-D toy: four concentric circles",
     "checkerboard": "2-D toy: uniform on the dark squares of a 4x4 checkerboard",
@@ -685,6 +686,13 @@ def _load_names(req: _Request) -> Dataset:
     return load_names()
 
 
+def _load_speech(req: _Request) -> Dataset:
+    """Spoken words synthesized with espeak-ng; see :mod:`experiments.speech`."""
+    from experiments.speech import load_speech
+
+    return load_speech()
+
+
 # --- entry point ----------------------------------------------------------------------------------
 
 _BUILDERS: Dict[str, Callable[[_Request], Dataset]] = {
@@ -696,6 +704,7 @@ _BUILDERS: Dict[str, Callable[[_Request], Dataset]] = {
     **{name: _load_toy for name in _TOY},
     "ppca": _load_ppca,
     "names": _load_names,
+    "speech": _load_speech,
 }
 
 

@@ -12,6 +12,7 @@ from models.autoregressive.nade import NADE, NADEConfig
 from models.autoregressive.pixelcnn import PixelCNN, PixelCNNConfig
 from models.autoregressive.rnade import RNADE, RNADEConfig
 from models.autoregressive.transformer import Transformer, TransformerConfig
+from models.autoregressive.wavenet import WaveNet, WaveNetConfig
 from models.base import DataError, DataSpec, DGMError, GenerativeModel
 from models.latent.ppca import PPCA, PPCAConfig
 from models.latent.vae import VAE, VAEConfig
@@ -27,6 +28,7 @@ REGISTRY = {
     "transformer": Transformer,
     "pixelcnn": PixelCNN,
     "gated_pixelcnn": GatedPixelCNN,
+    "wavenet": WaveNet,
 }
 
 __all__ = [
@@ -55,4 +57,6 @@ __all__ = [
     "PixelCNNConfig",
     "GatedPixelCNN",
     "GatedPixelCNNConfig",
+    "WaveNet",
+    "WaveNetConfig",
 ]
