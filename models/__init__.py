@@ -14,6 +14,7 @@ from models.autoregressive.rnade import RNADE, RNADEConfig
 from models.autoregressive.transformer import Transformer, TransformerConfig
 from models.autoregressive.wavenet import WaveNet, WaveNetConfig
 from models.base import DataError, DataSpec, DGMError, GenerativeModel
+from models.flows import MAF, NICE, RealNVP
 from models.latent.ppca import PPCA, PPCAConfig
 from models.latent.vae import VAE, VAEConfig
 
@@ -29,6 +30,9 @@ REGISTRY = {
     "pixelcnn": PixelCNN,
     "gated_pixelcnn": GatedPixelCNN,
     "wavenet": WaveNet,
+    "nice": NICE,
+    "realnvp": RealNVP,
+    "maf": MAF,
 }
 
 __all__ = [
