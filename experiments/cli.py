@@ -5,7 +5,6 @@
     dgm eval RUN --estimator is --k 5000
     dgm sample RUN [--n 64] [--out FILE] [--condition-on top-half]
     dgm score RUN --data ood:inverted
-    dgm latent RUN --what interpolate|project|reconstruct [--out FILE]
     dgm compare RUN [RUN ...]
     dgm reproduce quickstart
 
@@ -65,10 +64,6 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         choices=["none", "average", "neural"],
         help="baseline of the score-function ELBO",
     )
-    p.add_argument("--kl-warmup", type=int, default=0, help="KL annealing: steps to warm beta up to 1 (0: off)")
-    p.add_argument("--kl-beta0", type=float, default=0.0, help="KL annealing: beta at step 0")
-    p.add_argument("--free-bits", type=float, default=0.0, help="free bits: nats floor per latent group (0: off)")
-    p.add_argument("--free-bits-per", default="site", choices=["site", "dimension"], help="free bits groups")
     p.add_argument("--guide", default="amortized", choices=["amortized", "local"])
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -126,10 +121,6 @@ def _spec_from_args(a: argparse.Namespace):
         k=a.k,
         analytic_kl=a.analytic_kl,
         baseline=a.baseline,
-        kl_warmup=a.kl_warmup,
-        kl_beta0=a.kl_beta0,
-        free_bits=a.free_bits,
-        free_bits_per=a.free_bits_per,
         guide=a.guide,
         train=train,
     )
@@ -259,15 +250,6 @@ def cmd_score(a) -> None:
     )
 
 
-def cmd_latent(a) -> None:
-    from experiments.latent_tools import run_latent
-
-    out = run_latent(
-        a.run, a.what, a.out, n=a.n, site=a.site, method=a.method, steps=a.steps, pairs=a.pairs, images=a.images
-    )
-    print(f"wrote {out}")
-
-
 def cmd_compare(a) -> None:
     from experiments.runs import compare
 
@@ -322,17 +304,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="first N datapoints only")
     p.add_argument("--out", type=Path, default=None, help="CSV path (default RUN/scores-DATA-SPLIT.csv)")
     p.set_defaults(fn=cmd_score)
-    p = sub.add_parser("latent", help="latent space of a trained run: interpolations, 2-D projection, reconstructions")
-    p.add_argument("run", type=Path)
-    p.add_argument("--what", default="interpolate", choices=["interpolate", "project", "reconstruct"])
-    p.add_argument("--out", type=Path, default=None, help="PNG path (default RUN/latent-WHAT.png)")
-    p.add_argument("--n", type=int, default=1000, help="project: test points to encode")
-    p.add_argument("--site", default=None, help="project: latent site (default the guide's last)")
-    p.add_argument("--method", default="slerp", choices=["slerp", "linear"], help="interpolate: path")
-    p.add_argument("--steps", type=int, default=8, help="interpolate: decoded points per pair")
-    p.add_argument("--pairs", type=int, default=4, help="interpolate: pairs of test points")
-    p.add_argument("--images", type=int, default=20, help="reconstruct: test images")
-    p.set_defaults(fn=cmd_latent)
     p = sub.add_parser("compare", help="a table of finished runs")
     p.add_argument("runs", type=Path, nargs="+")
     p.set_defaults(fn=cmd_compare)
