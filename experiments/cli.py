@@ -55,7 +55,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override one model option, e.g. --opt latent_dim=20 (repeatable)",
     )
-    p.add_argument("--objective", default="elbo", choices=["elbo", "elbo-sf", "iwae"])
+    p.add_argument("--objective", default="elbo", choices=["elbo", "elbo-sf", "iwae", "elbo-enum"])
     p.add_argument("--k", type=int, default=1, help="samples per datapoint in the objective")
     p.add_argument("--analytic-kl", action="store_true", help="closed-form KL in the ELBO where available")
     p.add_argument(

@@ -30,6 +30,7 @@ import pyro.infer
 import torch
 from torch import Tensor, nn
 
+from inference.enum import EnumELBO
 from inference.logweights import LogWeights, compute_log_weights
 from models.base import DGMError
 
@@ -286,6 +287,7 @@ OBJECTIVES = {
     "elbo": "ELBO, reparameterized gradients (analytic KL with --analytic-kl)",
     "elbo-sf": "ELBO, score-function gradients for every guide site, with a baseline",
     "iwae": "importance-weighted bound with K samples per datapoint",
+    "elbo-enum": "ELBO with discrete sites marked for enumeration summed out exactly",
 }
 BASELINES = ("none", "average", "neural")
 
@@ -306,4 +308,6 @@ def make_objective(
         )
     if name == "iwae":
         return IWAE(k)
+    if name == "elbo-enum":
+        return EnumELBO(k)
     raise DGMError(f"unknown objective {name!r}; choose from {', '.join(OBJECTIVES)}")

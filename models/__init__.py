@@ -15,7 +15,10 @@ from models.autoregressive.transformer import Transformer, TransformerConfig
 from models.autoregressive.wavenet import WaveNet, WaveNetConfig
 from models.base import DataError, DataSpec, DGMError, GenerativeModel
 from models.flows import MAF, NICE, RealNVP
+from models.latent.bernoulli_mixture import BernoulliMixture, BernoulliMixtureConfig
+from models.latent.gaussian_mixture import GaussianMixture, GaussianMixtureConfig
 from models.latent.ppca import PPCA, PPCAConfig
+from models.latent.sbn import SBN, SBNConfig
 from models.latent.vae import VAE, VAEConfig
 
 REGISTRY = {
@@ -33,6 +36,9 @@ REGISTRY = {
     "nice": NICE,
     "realnvp": RealNVP,
     "maf": MAF,
+    "sbn": SBN,
+    "bernoulli_mixture": BernoulliMixture,
+    "gaussian_mixture": GaussianMixture,
 }
 
 __all__ = [
@@ -63,4 +69,10 @@ __all__ = [
     "GatedPixelCNNConfig",
     "WaveNet",
     "WaveNetConfig",
+    "SBN",
+    "SBNConfig",
+    "BernoulliMixture",
+    "BernoulliMixtureConfig",
+    "GaussianMixture",
+    "GaussianMixtureConfig",
 ]
