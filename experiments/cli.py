@@ -5,6 +5,9 @@
     dgm eval RUN --estimator is --k 5000
     dgm sample RUN [--n 64] [--out FILE] [--condition-on top-half]
     dgm score RUN --data ood:inverted
+    dgm density RUN [--out FILE]
+    dgm latent RUN --what interpolate|project|reconstruct|analogies|style [--out FILE]
+    dgm fit-prior RUN --prior pixelcnn [--preset cpu] [--epochs N]
     dgm compare RUN [RUN ...]
     dgm reproduce quickstart
 
@@ -21,12 +24,15 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from experiments.latent_tools import WHAT as LATENT_VIEWS
+from inference.guides import GUIDES
+from inference.objectives import OBJECTIVES
 from models.base import DGMError
 
 DEFAULT_RUNS = Path("runs")
 
 
-def _parse_option(text: str):
+def parse_option(text: str):
     if "=" not in text:
         raise DGMError(f"--opt expects key=value, got {text!r}")
     key, value = text.split("=", 1)
@@ -55,7 +61,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override one model option, e.g. --opt latent_dim=20 (repeatable)",
     )
-    p.add_argument("--objective", default="elbo", choices=["elbo", "elbo-sf", "iwae", "elbo-enum"])
+    p.add_argument("--objective", default="elbo", choices=list(OBJECTIVES))
     p.add_argument("--k", type=int, default=1, help="samples per datapoint in the objective")
     p.add_argument("--analytic-kl", action="store_true", help="closed-form KL in the ELBO where available")
     p.add_argument(
@@ -64,7 +70,21 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         choices=["none", "average", "neural"],
         help="baseline of the score-function ELBO",
     )
-    p.add_argument("--guide", default="amortized", choices=["amortized", "local"])
+    p.add_argument("--kl-warmup", type=int, default=0, help="KL annealing: steps to warm beta up to 1 (0: off)")
+    p.add_argument("--kl-beta0", type=float, default=0.0, help="KL annealing: beta at step 0")
+    p.add_argument("--free-bits", type=float, default=0.0, help="free bits: nats floor per latent group (0: off)")
+    p.add_argument("--free-bits-per", default="site", choices=["site", "dimension"], help="free bits groups")
+    p.add_argument(
+        "--guide",
+        default="amortized",
+        choices=list(GUIDES),
+        help="amortized encoder, local (per-datapoint) parameters, or the encoder pushed through a flow",
+    )
+    p.add_argument(
+        "--labelled", type=int, default=None, help="semi-supervised (m2): keep N training labels, class-balanced"
+    )
+    p.add_argument("--flow-depth", type=int, default=2, help="flow guides: number of flow steps")
+    p.add_argument("--flow-hidden", type=int, default=None, help="flow guides: hidden width")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
@@ -113,7 +133,7 @@ def _spec_from_args(a: argparse.Namespace):
     return RunSpec(
         model=a.model,
         preset=a.preset,
-        options=dict(_parse_option(o) for o in a.opt),
+        options=dict(parse_option(o) for o in a.opt),
         data=a.data,
         binarization=a.binarization,
         split=a.split,
@@ -121,7 +141,14 @@ def _spec_from_args(a: argparse.Namespace):
         k=a.k,
         analytic_kl=a.analytic_kl,
         baseline=a.baseline,
+        kl_warmup=a.kl_warmup,
+        kl_beta0=a.kl_beta0,
+        free_bits=a.free_bits,
+        free_bits_per=a.free_bits_per,
         guide=a.guide,
+        flow_depth=a.flow_depth,
+        flow_hidden=a.flow_hidden,
+        labelled=a.labelled,
         train=train,
     )
 
@@ -136,8 +163,6 @@ def cmd_list(a) -> None:
     from experiments.data import DATASETS
     from experiments.reproduce import EXPERIMENTS
     from inference.estimators import METHODS
-    from inference.guides import GUIDES
-    from inference.objectives import OBJECTIVES
     from models import REGISTRY
 
     print("models:")
@@ -159,7 +184,7 @@ def cmd_list(a) -> None:
 
 
 def cmd_train(a) -> None:
-    from experiments.runs import train_run
+    from experiments.runs import format_number, train_run
 
     spec = _spec_from_args(a)
     run_dir = a.run_dir or default_run_dir(spec)
@@ -167,8 +192,9 @@ def cmd_train(a) -> None:
     t = summary["test"]
     print(f"run: {run_dir}")
     print(
-        f"test NLL {t['nll']:.2f} ± {t['nll_stderr']:.2f} nats ({t['estimator']}, K={t['K']}, n={t['n']})"
-        + (f", test ELBO {t['elbo']:.2f}" if "elbo" in t and t["elbo"] == t["elbo"] else "")
+        f"test NLL {format_number(t['nll'], '.2f')} ± {format_number(t['nll_stderr'], '.2f')} nats "
+        f"({t['estimator']}, K={t['K']}, n={t['n']})"
+        + (f", test ELBO {t['elbo']:.2f}" if t.get("elbo") is not None and t["elbo"] == t["elbo"] else "")
     )
 
 
@@ -250,6 +276,27 @@ def cmd_score(a) -> None:
     )
 
 
+def cmd_latent(a) -> None:
+    from experiments.latent_tools import run_latent
+
+    out = run_latent(
+        a.run, a.what, a.out, n=a.n, site=a.site, method=a.method, steps=a.steps, pairs=a.pairs, images=a.images
+    )
+    print(f"wrote {out}")
+
+
+def cmd_density(a) -> None:
+    from experiments.density_plots import plot_run
+
+    print(f"wrote {plot_run(a.run, a.out, split=a.split)}")
+
+
+def cmd_fit_prior(a) -> None:
+    from experiments.code_prior import run_from_args
+
+    print(json.dumps(run_from_args(a), indent=2, default=str))
+
+
 def cmd_compare(a) -> None:
     from experiments.runs import compare
 
@@ -304,6 +351,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="first N datapoints only")
     p.add_argument("--out", type=Path, default=None, help="CSV path (default RUN/scores-DATA-SPLIT.csv)")
     p.set_defaults(fn=cmd_score)
+    p = sub.add_parser("latent", help="latent space of a trained run: interpolations, 2-D projection, reconstructions")
+    p.add_argument("run", type=Path)
+    p.add_argument("--what", default="interpolate", choices=list(LATENT_VIEWS), help="analogies, style: cvae and m2")
+    p.add_argument("--out", type=Path, default=None, help="PNG path (default RUN/latent-WHAT.png)")
+    p.add_argument("--n", type=int, default=1000, help="project: test points to encode")
+    p.add_argument("--site", default=None, help="project: latent site (default the guide's last)")
+    p.add_argument("--method", default="slerp", choices=["slerp", "linear"], help="interpolate: path")
+    p.add_argument("--steps", type=int, default=8, help="interpolate: decoded points per pair")
+    p.add_argument("--pairs", type=int, default=4, help="interpolate: pairs of test points")
+    p.add_argument("--images", type=int, default=20, help="reconstruct: test images; analogies: rows")
+    p.set_defaults(fn=cmd_latent)
+    p = sub.add_parser("density", help="density plot (PNG) of a 2-D run with exact log p(x), over its data")
+    p.add_argument("run", type=Path)
+    p.add_argument("--out", type=Path, default=None, help="PNG path (default RUN/density.png)")
+    p.add_argument("--split", default="train", choices=["train", "val", "test"], help="data drawn under it")
+    p.set_defaults(fn=cmd_density)
+    from experiments.code_prior import add_arguments as add_prior_arguments
+
+    p = sub.add_parser("fit-prior", help="stage 2 of a vqvae run: fit a PixelCNN prior over its codes")
+    add_prior_arguments(p)
+    p.set_defaults(fn=cmd_fit_prior)
     p = sub.add_parser("compare", help="a table of finished runs")
     p.add_argument("runs", type=Path, nargs="+")
     p.set_defaults(fn=cmd_compare)

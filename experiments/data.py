@@ -31,6 +31,12 @@ the change of variables ``log p_x(x) = log p_y(y) + logit_log_jacobian(y)``, whe
 ``logit_log_jacobian(y) = sum_d [log(1 - 2 lam) - log sigmoid(y_d) - log sigmoid(-y_d)]``,
 and to bits per dimension of the 0..255 pixels as ``-(log p_x(x) - D log 256) / (D log 2)``.
 
+``mnist-dequantized`` and ``digits-dequantized``: the grey levels made continuous in
+``[0, 1]``, ``x = (level + u) / L`` with ``u ~ U(0, 1)`` drawn once per part (fixed seed) and
+``L`` = 256 (MNIST) or 17 (digits): data for real-valued decoders (Gaussian VAE). A density
+``p_x`` on ``[0, 1]^D`` bounds the discrete model's code length as
+``-(log p_x(x) - D log L) / (D log 2)`` bits per dimension (``info["levels"] = L``).
+
 Where the MNIST files come from: see :func:`mnist_files`.
 """
 
@@ -112,7 +118,9 @@ DATASETS: Dict[str, str] = {
     "mnist": "MNIST 28x28 from the canonical idx files; dynamic/static binarization or grey levels",
     "mnist-embedded": "binarized MNIST subset shipped in the package (4,500/500/1,000); no download",
     "mnist-logit": "MNIST dequantized and mapped to logit space (MAF paper); real-valued",
+    "mnist-dequantized": "MNIST grey levels dequantized to [0, 1]: (pixel + u) / 256, fixed noise; real-valued",
     "digits": "scikit-learn 8x8 digits, binarized at pixel >= 8 (1,257/180/360)",
+    "digits-dequantized": "scikit-learn digits dequantized to [0, 1]: (level + u) / 17, fixed noise; real-valued",
     "digits17": "scikit-learn 8x8 digits with their 17 grey levels 0..16 (categorical)",
     "names": "census first names as END-padded character tokens (4,131/516/516); needs `pip install names`",
     "speech": "35 spoken words synthesized by espeak-ng, 8 kHz mu-law 256 levels, 0.5 s clips; needs espeak-ng",
@@ -521,6 +529,28 @@ def _load_mnist_logit(req: _Request) -> Dataset:
     )
 
 
+def _dequantize(levels: Tensor, generator: torch.Generator, num_levels: int) -> Tensor:
+    """``(level + u) / L`` with ``u ~ U(0, 1)``: values in ``[0, 1)``, one cell per level."""
+    return (levels + torch.rand(levels.shape, generator=generator)) / num_levels
+
+
+def _load_mnist_dequantized(req: _Request) -> Dataset:
+    """MNIST grey levels dequantized to ``[0, 1]``; see the module docstring."""
+    pixels, labels, info = _mnist_parts(req)
+    data = {
+        part: _dequantize(torch.from_numpy(p.astype(np.float32)), req.generator(part), 256)
+        for part, p in pixels.items()
+    }
+    info.update(binarization="none (dequantized: x = (pixel + u) / 256, u ~ U(0, 1) fixed, seed + offset)", levels=256)
+    return Dataset(
+        req.name,
+        DataSpec(support="real", **_MNIST_SPEC),
+        **data,
+        **{f"{k}_labels": v for k, v in labels.items()},
+        info=info,
+    )
+
+
 def _load_embedded(req: _Request) -> Dataset:
     """The binarized MNIST subset in ``experiments/assets``; needs neither files nor network."""
     raw = resources.files("experiments").joinpath("assets").joinpath(EMBEDDED_ASSET).read_bytes()
@@ -566,10 +596,17 @@ def _load_digits(req: _Request) -> Dataset:
     labels = torch.from_numpy(digits.target.astype(np.int64))
     order = torch.randperm(len(levels), generator=torch.Generator().manual_seed(DIGITS_SPLIT_SEED))
     cuts = dict(zip(DIGITS_SIZES, order.split(list(DIGITS_SIZES.values()))))
+    x = {part: levels[i] for part, i in cuts.items()}
+    info = {}
     if req.name == "digits":
-        levels = (levels >= 8).float()
+        x = {part: (v >= 8).float() for part, v in x.items()}
         spec = DataSpec((64,), "binary", image_shape=(8, 8))
         binarization = "threshold (pixel >= 8 -> 1)"
+    elif req.name == "digits-dequantized":
+        x = {part: _dequantize(v, req.generator(part), 17) for part, v in x.items()}
+        spec = DataSpec((64,), "real", image_shape=(8, 8))
+        binarization = "none (dequantized: x = (level + u) / 17, u ~ U(0, 1) fixed, seed + offset)"
+        info["levels"] = 17
     else:
         spec = DataSpec((64,), "categorical", num_levels=17, image_shape=(8, 8))
         binarization = "none (17 levels 0..16)"
@@ -578,11 +615,12 @@ def _load_digits(req: _Request) -> Dataset:
         "binarization": binarization,
         "split": f"fixed permutation, torch seed {DIGITS_SPLIT_SEED}: "
         + " / ".join(f"{n} {part}" for part, n in DIGITS_SIZES.items()),
+        **info,
     }
     return Dataset(
         req.name,
         spec,
-        **{part: levels[i] for part, i in cuts.items()},
+        **x,
         **{f"{part}_labels": labels[i] for part, i in cuts.items()},
         info=info,
     )
@@ -699,8 +737,10 @@ _BUILDERS: Dict[str, Callable[[_Request], Dataset]] = {
     "mnist": _load_mnist,
     "mnist-embedded": _load_embedded,
     "mnist-logit": _load_mnist_logit,
+    "mnist-dequantized": _load_mnist_dequantized,
     "digits": _load_digits,
     "digits17": _load_digits,
+    "digits-dequantized": _load_digits,
     **{name: _load_toy for name in _TOY},
     "ppca": _load_ppca,
     "names": _load_names,

@@ -104,6 +104,11 @@ def plot_run(run_dir, path=None, split: str = "train", max_points: int = 20_000)
     from experiments.runs import load_run
 
     spec, runner, data = load_run(Path(run_dir))
+    if runner.model.data_spec.dim != 2 or not runner.model.has_exact_log_prob:
+        raise DGMError(
+            f"{run_dir} is a {spec.model} run on {spec.data} ({runner.model.data_spec.dim}-D): density plots need "
+            "2-D data and a model with exact log p(x) (flows, Gaussian mixtures); use `dgm sample` instead"
+        )
     x = getattr(data, split)[:max_points]
     out = Path(path) if path is not None else Path(run_dir) / "density.png"
     title = f"{spec.model}" + (f"[{spec.preset}]" if spec.preset else "") + f" on {spec.data}"

@@ -10,6 +10,7 @@ refused, so two experiments never mix in one directory.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -18,9 +19,12 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from experiments import data as datasets
+from experiments.labels import keep_labels
 from experiments.plots import save_samples, save_text_samples
+from inference.flow_guides import STEPS as FLOW_STEPS
 from inference.objectives import make_objective
 from inference.runner import Runner, TrainConfig
+from inference.schedules import make_schedule
 from models import REGISTRY
 from models.base import DGMError, GenerativeModel
 
@@ -39,7 +43,14 @@ class RunSpec:
     k: int = 1
     analytic_kl: bool = False
     baseline: str = "average"  # elbo-sf: none | average | neural
-    guide: str = "amortized"
+    kl_warmup: int = 0  # KL annealing: steps of linear warm-up of beta from kl_beta0 to 1 (0: none)
+    kl_beta0: float = 0.0
+    free_bits: float = 0.0  # free bits: nats floor per group of latent units (0: none)
+    free_bits_per: str = "site"  # site | dimension
+    guide: str = "amortized"  # amortized | local | iaf | planar | radial
+    flow_depth: int = 2  # flow guides: number of steps
+    flow_hidden: Optional[int] = None  # flow guides: hidden width (default max(16, 4 * latent size))
+    labelled: Optional[int] = None  # semi-supervised (m2): keep this many training labels, balanced; the rest -1
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_json(self) -> dict:
@@ -75,22 +86,48 @@ def build_model(spec: RunSpec, data_spec) -> GenerativeModel:
 def build(spec: RunSpec, run_dir: Optional[Path] = None) -> Tuple[Runner, Any]:
     """Data, model, objective and runner for ``spec``."""
     data = datasets.load(spec.data, binarization=spec.binarization, split=spec.split, seed=spec.train.seed)
+    if spec.labelled is not None:
+        kept = keep_labels(data.train_labels, spec.labelled, seed=spec.train.seed)
+        data = replace(data, train_labels=kept, info={**data.info, "labelled": spec.labelled})
     torch.manual_seed(spec.train.seed)
     model = build_model(spec, data.spec)
+    if spec.labelled is not None and not model.accepts_unlabelled:
+        raise DGMError(f"{spec.model} does not learn from unlabelled data; a label budget is for m2")
+    schedule = make_schedule(spec.kl_warmup, spec.kl_beta0, spec.free_bits, spec.free_bits_per)
     objective = make_objective(
-        spec.objective, spec.k, analytic_kl=spec.analytic_kl, baseline=spec.baseline, input_dim=data.spec.dim
+        spec.objective,
+        spec.k,
+        analytic_kl=spec.analytic_kl,
+        baseline=spec.baseline,
+        input_dim=data.spec.dim,
+        schedule=schedule,
     )
-    runner = Runner(model, data, objective, guide=spec.guide, config=spec.train, run_dir=run_dir)
+    flow = {"flow_depth": spec.flow_depth, "flow_hidden": spec.flow_hidden} if spec.guide in FLOW_STEPS else {}
+    runner = Runner(model, data, objective, guide=spec.guide, config=spec.train, run_dir=run_dir, guide_options=flow)
     return runner, data
+
+
+def _finite(obj):
+    """``obj`` with every non-finite float replaced by ``None``: strict JSON (no NaN or
+    Infinity tokens) that every JSON reader accepts; ``None`` reads as "not available"."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def _write_json(path: Path, obj) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.write_text(json.dumps(_finite(obj), indent=2, default=str, allow_nan=False) + "\n")
     tmp.replace(path)
 
 
-_DISPLAY_ONLY = ("progress", "log_every", "checkpoint_seconds")  # change what is logged, not computed
+# Fields that change what is logged or where it runs, not what is computed: a run may resume with
+# other values (a CPU run finished on a GPU; bit-for-bit equality then holds per device only).
+_DISPLAY_ONLY = ("progress", "log_every", "checkpoint_seconds", "device")
 
 
 def _defining(spec_json: dict) -> dict:
@@ -99,12 +136,21 @@ def _defining(spec_json: dict) -> dict:
     return {**spec_json, "train": train}
 
 
+def _with_defaults(spec_json: dict) -> dict:
+    """An older ``config.json`` with the fields added since filled in at their defaults
+    (which reproduce the old behaviour), so its run still resumes."""
+    try:
+        return json.loads(json.dumps(RunSpec.from_json(spec_json).to_json(), default=str))
+    except TypeError:  # fields this version does not know: compare as written
+        return spec_json
+
+
 def train_run(spec: RunSpec, run_dir: Path) -> dict:
     """Train (or resume) the run in ``run_dir``, evaluate it and write ``summary.json``."""
     run_dir = Path(run_dir)
     config_path = run_dir / "config.json"
     if config_path.exists():
-        old = json.loads(config_path.read_text())
+        old = _with_defaults(json.loads(config_path.read_text()))
         if _defining(old) != _defining(json.loads(json.dumps(spec.to_json(), default=str))):
             raise DGMError(
                 f"{run_dir} holds a run with a different configuration; choose another --run-dir "
@@ -124,7 +170,8 @@ def train_run(spec: RunSpec, run_dir: Path) -> dict:
         "data": data.describe(),
         "objective": spec.objective,
         "k": spec.k,
-        "guide": spec.guide,
+        "guide": spec.guide + (f" x{spec.flow_depth}" if spec.guide in FLOW_STEPS else ""),
+        "kl_schedule": _describe_schedule(spec),
         "epochs": progress["epoch"],
         "steps": progress["step"],
         "train_seconds": round(progress["train_seconds"], 2),
@@ -133,17 +180,52 @@ def train_run(spec: RunSpec, run_dir: Path) -> dict:
         "test": runner.evaluate(),
         "wall_seconds": round(time.time() - t0, 2),
     }
-    if "alphabet" in data.info:  # END-padded strings: the per-character view, and text samples
-        from models.autoregressive.sequence import nats_per_char
+    if hasattr(runner.model, "classify") and data.test_labels is not None:  # m2: its classifier q(y | x)
+        from models.latent.m2 import accuracy
 
-        summary["test"]["nats_per_char"] = nats_per_char(runner.model, data.test.to(runner.device))
-        summary["val_nats_per_char"] = nats_per_char(runner.model, data.val.to(runner.device))
+        summary["test"]["accuracy"] = accuracy(runner.model, data.test.to(runner.device), data.test_labels)
+    if "alphabet" in data.info:  # END-padded strings: the per-character view, and text samples
+        from models.autoregressive.sequence import nats_per_char, num_symbols
+
+        if runner.model.has_exact_log_prob:
+            summary["test"]["nats_per_char"] = nats_per_char(runner.model, data.test.to(runner.device))
+            summary["val_nats_per_char"] = nats_per_char(runner.model, data.val.to(runner.device))
+        else:  # a latent-variable model: the estimated test NLL over the symbols of the same names
+            test = data.test[: summary["test"]["n"]]
+            symbols = float(num_symbols(test.reshape(len(test), -1)).sum())
+            summary["test"]["nats_per_char"] = summary["test"]["nll"] * len(test) / symbols
+            summary["test"]["nats_per_char_estimated"] = True
         save_text_samples(runner.model, data.info["alphabet"], run_dir / "samples.txt")
     elif data.spec.image_shape is not None or data.spec.dim == 2:
         n = 64 if data.spec.image_shape is not None else 2000  # a grid of images, or a 2-D scatter
         save_samples(runner.model, data.spec, run_dir / "samples.png", n=n)
+    if data.spec.dim == 2 and runner.model.has_exact_log_prob:  # 2-D densities: the density itself
+        from experiments.density_plots import save_density_plot
+
+        title = f"{spec.model}" + (f"[{spec.preset}]" if spec.preset else "") + f" on {spec.data}"
+        save_density_plot(runner.model, run_dir / "density.png", data=data.train[:20_000].cpu(), title=title)
+    if spec.data == "mnist-logit" and summary["test"]["estimator"] == "exact":  # pixel-space bits/dim
+        summary["test"]["bits_per_dim"] = _logit_bits_per_dim(summary["test"]["nll"], data.test, runner.config)
+    elif "levels" in data.info:  # dequantized levels on [0, 1]: bits/dim of the discrete levels
+        d, levels = data.spec.dim, data.info["levels"]
+        summary["test"]["bits_per_dim"] = (summary["test"]["nll"] + d * math.log(levels)) / (d * math.log(2))
     _write_json(run_dir / "summary.json", summary)
-    return summary
+    return _finite(summary)  # as written: NaN and infinities are None
+
+
+def _logit_bits_per_dim(nll: float, test, config: TrainConfig) -> float:
+    """Mean bits/dim in pixel space of the evaluated test points, from their mean NLL in logit
+    space (``models.flows.logit_bits_per_dim`` is linear in log p, so means commute)."""
+    from models.flows import logit_bits_per_dim
+
+    y = test if config.eval_limit is None else test[: config.eval_limit]
+    return float(logit_bits_per_dim(torch.full((y.shape[0],), -nll, dtype=torch.float64), y.double()).mean())
+
+
+def _describe_schedule(spec: RunSpec) -> str:
+    parts = [f"KL warm-up {spec.kl_warmup} steps from {spec.kl_beta0:g}"] if spec.kl_warmup else []
+    parts += [f"free bits {spec.free_bits:g} per {spec.free_bits_per}"] if spec.free_bits else []
+    return ", ".join(parts) or "-"
 
 
 def load_run(run_dir: Path) -> Tuple[RunSpec, Runner, Any]:
@@ -180,7 +262,8 @@ def evaluate_run(
     spec, runner, data = load_run(run_dir)
     runner.config = replace(runner.config, eval_limit=limit)
     x = getattr(data, split)
-    result = runner.evaluate(x, estimator=estimator, k=k)
+    labels = getattr(data, f"{split}_labels") if runner.model.uses_labels else None
+    result = runner.evaluate(x, estimator=estimator, k=k, labels=labels)
     result["split"] = split
     name = f"eval_{result['estimator']}_K{result['K']}_{split}{'' if limit is None else f'_n{limit}'}.json"
     _write_json(Path(run_dir) / name, result)
@@ -213,18 +296,36 @@ def score_run(run_dir: Path, x: torch.Tensor, estimator: str = "auto", k: int = 
         )
 
 
+def format_number(value, fmt: str) -> str:
+    """``value`` formatted, or "-" where it is missing (``None``, NaN: not available)."""
+    return "-" if value is None or value != value else format(value, fmt)
+
+
+def _units(value) -> str:
+    """Active units: a count, or per latent site with the total (``h1 46 + h2 0 = 46``)."""
+    if value is None:
+        return "-"
+    if isinstance(value, dict):
+        sites = {k: v for k, v in value.items() if k != "total"}
+        return " + ".join(f"{k} {v}" for k, v in sites.items()) + f" = {value.get('total', sum(sites.values()))}"
+    return str(value)
+
+
 COLUMNS = [
     ("model", lambda s: s["model"] + (f"[{s['preset']}]" if s.get("preset") else "")),
     ("objective", lambda s: f"{s['objective']}" + (f" K={s['k']}" if s["objective"] == "iwae" else "")),
     ("guide", lambda s: s["guide"]),
     ("epochs", lambda s: str(s["epochs"])),
     ("train s", lambda s: f"{s['train_seconds']:.0f}"),
-    ("test NLL", lambda s: f"{s['test']['nll']:.2f} ± {s['test']['nll_stderr']:.2f}"),
+    ("test NLL", lambda s: " ± ".join(format_number(s["test"][key], ".2f") for key in ("nll", "nll_stderr"))),
     ("estimator", lambda s: s["test"]["estimator"] + (f" K={s['test']['K']}" if s["test"]["K"] else "")),
-    ("test ELBO", lambda s: f"{s['test']['elbo']:.2f}" if s["test"].get("elbo") == s["test"].get("elbo") else "-"),
-    ("active units", lambda s: str(s["test"].get("active_units", "-"))),
+    ("test ELBO", lambda s: format_number(s["test"].get("elbo"), ".2f")),
+    ("KL schedule", lambda s: s.get("kl_schedule", "-")),
+    ("active units", lambda s: _units(s["test"].get("active_units"))),
+    ("test acc", lambda s: f"{s['test']['accuracy']:.1%}" if "accuracy" in s["test"] else "-"),
+    ("bits/dim", lambda s: f"{s['test']['bits_per_dim']:.3f}" if "bits_per_dim" in s["test"] else "-"),
     ("nats/char", lambda s: f"{s['test']['nats_per_char']:.3f}" if "nats_per_char" in s["test"] else "-"),
-    ("k-hat>0.7", lambda s: f"{s['test']['khat_frac_above_0.7']:.1%}" if s["test"]["K"] else "-"),
+    ("k-hat>0.7", lambda s: f"{s['test']['khat_frac_above_0.7']:.1%}" if (s["test"]["K"] or 0) > 1 else "-"),
 ]
 
 
@@ -236,9 +337,11 @@ def compare(run_dirs: List[Path]) -> str:
         if not path.exists():
             raise DGMError(f"{d} has no summary.json; is the run finished?")
         rows.append(json.loads(path.read_text()))
-    header = "| run | " + " | ".join(c for c, _ in COLUMNS) + " |"
-    lines = [header, "|" + "---|" * (len(COLUMNS) + 1)]
-    for d, s in zip(run_dirs, rows):
-        lines.append(f"| {Path(d).name} | " + " | ".join(f(s) for _, f in COLUMNS) + " |")
+    cells = [[f(s) for _, f in COLUMNS] for s in rows]
+    keep = [j for j in range(len(COLUMNS)) if any(row[j] != "-" for row in cells)]  # no all-empty columns
+    header = "| run | " + " | ".join(COLUMNS[j][0] for j in keep) + " |"
+    lines = [header, "|" + "---|" * (len(keep) + 1)]
+    for d, row in zip(run_dirs, cells):
+        lines.append(f"| {Path(d).name} | " + " | ".join(row[j] for j in keep) + " |")
     data_lines = sorted({s["data"] for s in rows})
     return "\n".join(lines) + "\n\nData: " + "; ".join(data_lines) + "\n"

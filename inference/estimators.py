@@ -24,9 +24,10 @@ Diagnostics per datapoint:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional
 
 import numpy as np
 import torch
@@ -116,10 +117,12 @@ def importance(
     chunk_size: Optional[int] = None,
     max_rows: int = 1 << 15,
     khat: bool = True,
+    conditions: Optional[Dict[str, Tensor]] = None,
 ) -> Estimate:
     """IS estimate of log p(x) for one batch ``x``; ``guide=None`` is the naive estimator.
 
-    Samples are drawn ``chunk_size`` at a time (default: ``max_rows // B``).
+    Samples are drawn ``chunk_size`` at a time (default: ``max_rows // B``). ``conditions``
+    (e.g. ``{"y": labels}``, one row per row of ``x``) go to model and guide as keywords.
     """
     if num_samples < 1:
         raise DGMError(f"the number of samples K must be >= 1, got {num_samples}")
@@ -132,6 +135,7 @@ def importance(
     total = torch.zeros(b, dtype=torch.float64, device=x.device)
     tail = torch.empty(0, b, dtype=torch.float64, device=x.device)
     kwargs = {"idx": idx, "size": size} if idx is not None else {}
+    kwargs.update(conditions or {})
     done = 0
     with torch.no_grad():
         while done < num_samples:
@@ -177,25 +181,33 @@ def estimate_dataset(
     guide: Optional[Callable] = None,
     batch_size: int = 100,
     progress: bool = True,
+    conditions: Optional[Dict[str, Tensor]] = None,
     **kwargs,
 ) -> Estimate:
     """Estimate log p(x) for every row of ``data`` with ``method`` (``exact|naive|is``).
 
     ``model`` is a ``GenerativeModel``; ``guide`` defaults to its amortized guide. The
     guide is called with dataset indices ``idx`` so per-datapoint guides fitted on
-    ``data`` work unchanged.
+    ``data`` work unchanged. ``conditions`` (e.g. ``{"y": labels}`` for a model with
+    ``uses_labels``) are tensors with one row per row of ``data``, sliced like it and passed
+    to model and guide (and to ``log_prob`` for ``exact``) as keyword arguments.
     """
     if method not in METHODS:
         raise DGMError(f"unknown estimator {method!r}; choose from {', '.join(METHODS)}")
     if method == "exact" and not model.has_exact_log_prob:
         raise DGMError(f"{type(model).__name__} has no exact log p(x); use --estimator is (or naive)")
     n = data.shape[0]
+    conditions = conditions or {}
+    for key, value in conditions.items():
+        if value.shape[:1] != (n,):
+            raise DGMError(f"condition {key!r} has {list(value.shape)[:1]} rows, the data {n}; give one per datapoint")
     parts = []
     bar = tqdm(total=n, desc=f"log p(x) [{method}]", disable=not progress, leave=False, mininterval=2.0)
     for start in range(0, n, batch_size):
         x = data[start : start + batch_size]
+        cond = {key: value[start : start + batch_size] for key, value in conditions.items()}
         if method == "exact":
-            parts.append(exact(model.log_prob, x))
+            parts.append(exact(functools.partial(model.log_prob, **cond) if cond else model.log_prob, x))
         else:
             idx = torch.arange(start, start + x.shape[0], device=x.device)
             proposal = None if method == "naive" else (guide or model.guide)
@@ -208,6 +220,7 @@ def estimate_dataset(
                     idx=idx,
                     size=n,
                     max_plate_nesting=model.max_plate_nesting,
+                    conditions=cond,
                     **kwargs,
                 )
             )

@@ -8,6 +8,8 @@
   sites get ``N(loc, scale)``, constrained continuous sites the same pushed through
   ``biject_to(support)``, binary sites ``Bernoulli(logits)``, categorical sites
   ``Categorical(logits)``.
+* ``iaf``, ``planar``, ``radial``: the encoder's q(z | x) pushed through an amortized
+  normalizing flow (``inference.flow_guides``).
 
 The gap between the two on the same data is the amortization gap (Cremer et al. 2018):
 the best local guide's ELBO minus the encoder's ELBO, >= 0 at the optimum.
@@ -27,9 +29,11 @@ from pyro.distributions.transforms import biject_to
 from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor, nn
 
+from inference.flow_guides import STEPS as FLOW_STEPS
+from inference.flow_guides import FlowGuide
 from models.base import DATA_PLATE, DGMError, GenerativeModel
 
-GUIDES = ("amortized", "local")
+GUIDES = ("amortized", "local") + tuple(FLOW_STEPS)
 
 
 @dataclass(frozen=True)
@@ -132,12 +136,21 @@ class LocalGuide(nn.Module):
         return self
 
 
-def build_guide(kind: str, model: GenerativeModel, data: Tensor) -> Tuple[Callable, Optional[nn.Module]]:
+def build_guide(
+    kind: str, model: GenerativeModel, data: Tensor, *, flow_depth: int = 2, flow_hidden: Optional[int] = None
+) -> Tuple[Callable, Optional[nn.Module]]:
     """Return ``(guide_callable, extra_module)``; ``extra_module`` holds parameters the model
-    does not (``None`` for the amortized guide, whose encoder is part of the model)."""
+    does not (``None`` for the amortized guide, whose encoder is part of the model).
+
+    ``iaf``, ``planar`` and ``radial`` push the encoder's q(z | x) through ``flow_depth``
+    amortized flow steps (``inference.flow_guides``) with hidden width ``flow_hidden``
+    (default ``max(16, 4 * latent size)``)."""
     if kind == "amortized":
         return model.guide, None
     if kind == "local":
         g = LocalGuide(model, data)
+        return g, g
+    if kind in FLOW_STEPS:
+        g = FlowGuide(model, data, kind, depth=flow_depth, hidden=flow_hidden)
         return g, g
     raise DGMError(f"unknown guide {kind!r}; choose from {', '.join(GUIDES)}")

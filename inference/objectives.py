@@ -18,6 +18,17 @@ plus score-function terms of non-reparameterized sites). The loss is
 
 They subclass ``pyro.infer.ELBO``, so ``pyro.infer.SVI(model, guide, optim, IWAE(K))``
 works, and they also give ``loss_terms`` (loss plus per-term diagnostics) to our runner.
+
+A ``KLSchedule`` (``inference.schedules``: KL annealing, free bits) attached with
+``set_schedule`` changes the training loss only: ``loss_terms`` then optimizes the
+regularized log-weights, still reports the true bound, and adds ``beta`` and each site's
+KL (``kl/SITE``) to its terms; the runner advances it with ``set_step``. Without a schedule
+nothing of this runs.
+
+Model auxiliary losses (``GenerativeModel.add_aux_loss``, e.g. VQ-VAE's commitment loss) are
+collected around each evaluation of the pair (``models.base.collect_aux_terms``): each adds
+``(N / B) * sum_b value_b`` to the training loss and its mean to the terms as ``aux/NAME``;
+model metrics (``add_metric``) join the terms as they are. The bound never includes them.
 """
 
 from __future__ import annotations
@@ -32,7 +43,8 @@ from torch import Tensor, nn
 
 from inference.enum import EnumELBO
 from inference.logweights import LogWeights, compute_log_weights
-from models.base import DGMError
+from inference.schedules import KLSchedule, kl_groups, recording
+from models.base import AuxTerms, DGMError, collect_aux_terms
 
 Terms = Dict[str, Tensor]
 
@@ -42,6 +54,8 @@ class LogWeightObjective(pyro.infer.ELBO):
 
     force_score_function = False
     analytic_kl = False
+    schedule: Optional[KLSchedule] = None
+    supports_free_bits = False  # free bits floor a minibatch KL: defined for the ELBO only
 
     def __init__(self, num_particles: int = 1, max_plate_nesting: Optional[int] = None):
         if num_particles < 1:
@@ -88,10 +102,28 @@ class LogWeightObjective(pyro.infer.ELBO):
 
     def loss_terms(self, model, guide, *args, train: bool = True, **kwargs) -> Tuple[Tensor, Terms]:
         """Differentiable loss and detached per-term means (per datapoint, in nats)."""
-        lw = self.log_weights(model, guide, *args, **kwargs)
+        with collect_aux_terms(train) as extra:
+            if self.schedule is not None:
+                return self._scheduled_loss_terms(model, guide, args, kwargs, train, extra)
+            lw = self.log_weights(model, guide, *args, **kwargs)
         bound, surrogate = self.reduce(lw)
+        return self._loss(lw, bound, surrogate, args, train, extra=extra)
+
+    def _loss(
+        self,
+        lw: LogWeights,
+        bound: Tensor,
+        surrogate: Tensor,
+        args: tuple,
+        train: bool,
+        trained=None,
+        extra: Optional[AuxTerms] = None,
+    ):
+        """The loss of ``surrogate`` and the terms of ``lw``; auxiliary losses fit the
+        log-weights being ``trained`` (``lw`` unless a schedule regularizes them); the
+        model's own auxiliary losses and metrics come in ``extra``."""
         loss = -lw.scale * surrogate.sum()
-        aux = self.aux_loss(lw, args, train)
+        aux = self.aux_loss(lw if trained is None else trained, args, train)
         if aux is not None:
             loss = loss + (aux - aux.detach())
         kl = lw.log_q - lw.log_prior if lw.kl is None else lw.kl - lw.kl_free_log_ratio
@@ -100,6 +132,43 @@ class LogWeightObjective(pyro.infer.ELBO):
             "recon": -lw.log_lik.detach().mean(),
             "kl": kl.detach().mean(),
         }
+        if extra is not None:
+            for name, value in extra.losses.items():
+                per_datapoint = value.reshape(-1, value.shape[-1]).mean(0)
+                loss = loss + lw.scale * per_datapoint.sum()
+                terms[f"aux/{name}"] = per_datapoint.detach().mean()
+            terms.update(extra.metrics)
+        return loss, terms
+
+    # --- schedules (KL annealing, free bits) --------------------------------------------
+    def set_schedule(self, schedule: Optional[KLSchedule]) -> "LogWeightObjective":
+        if schedule is not None and schedule.free_bits is not None and not self.supports_free_bits:
+            raise DGMError(f"free bits are defined for the ELBO, not {type(self).__name__}; use --objective elbo")
+        self.schedule = schedule
+        return self
+
+    def set_step(self, step: int) -> None:
+        """Called by the runner once per optimizer step, before the step's loss."""
+        if self.schedule is not None:
+            self.schedule.set_step(step)
+
+    def _scheduled_loss_terms(self, model, guide, args: tuple, kwargs: dict, train: bool, extra=None):
+        if guide is None:
+            raise DGMError("KL annealing and free bits need a guide (the model has latent sites to regularize)")
+        model, guide, traces = recording(model, guide)
+        lw = self.log_weights(model, guide, *args, **kwargs)
+        groups = kl_groups(
+            *traces(),
+            tuple(lw.log_w.shape),
+            per_dimension=self.schedule.per_dimension,
+            analytic=self.analytic_kl,
+            max_plate_nesting=self.model_plates,
+        )
+        trained = self.schedule.regularize(lw, groups)
+        _, surrogate = self.reduce(trained)
+        loss, terms = self._loss(lw, self.per_datapoint(lw), surrogate, args, train, trained, extra)
+        terms["beta"] = lw.log_w.new_tensor(self.schedule.beta)
+        terms.update({f"kl/{name}": g.detach().sum(-1).mean() for name, g in groups.items()})
         return loss, terms
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:
@@ -127,16 +196,18 @@ class LogWeightObjective(pyro.infer.ELBO):
         return []
 
     def state_dict(self) -> dict:
-        return {}
+        return {} if self.schedule is None else {"schedule": self.schedule.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        if self.schedule is not None and "schedule" in state:
+            self.schedule.load_state_dict(state["schedule"])
 
 
 def _guess_plates(model, guide, args, kwargs) -> int:
     """Count the model's vectorized plates by running the pair once (as Pyro's ELBO does),
-    without consuming the caller's random stream."""
-    with pyro.poutine.block(), torch.random.fork_rng(devices=[]):
+    without consuming the caller's random stream (nor adding auxiliary losses, nor updating
+    model state)."""
+    with pyro.poutine.block(), torch.random.fork_rng(devices=[]), collect_aux_terms(train=False):
         guide_trace = pyro.poutine.trace(guide).get_trace(*args, **kwargs) if guide else None
         fn = pyro.poutine.replay(model, trace=guide_trace) if guide_trace else model
         model_trace = pyro.poutine.trace(fn).get_trace(*args, **kwargs)
@@ -158,6 +229,8 @@ class ELBO(LogWeightObjective):
     Non-reparameterizable guide sites get the plain score-function term with the
     per-datapoint learning signal (no baseline); use ``ScoreFunctionELBO`` for baselines.
     """
+
+    supports_free_bits = True
 
     def __init__(self, num_particles: int = 1, analytic_kl: bool = False, **kwargs):
         super().__init__(num_particles, **kwargs)
@@ -193,6 +266,7 @@ class ScoreFunctionELBO(ELBO):
     """
 
     force_score_function = True
+    supports_free_bits = False
 
     def __init__(
         self,
@@ -257,12 +331,13 @@ class ScoreFunctionELBO(ELBO):
         return [self.net] if self.net is not None else []
 
     def state_dict(self) -> dict:
-        state = {"average": self.average}
+        state = {"average": self.average, **super().state_dict()}
         if self.net is not None:
             state["net"] = self.net.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
         self.average = state.get("average")
         if self.net is not None and "net" in state:
             self.net.load_state_dict(state["net"])
@@ -288,16 +363,29 @@ OBJECTIVES = {
     "elbo-sf": "ELBO, score-function gradients for every guide site, with a baseline",
     "iwae": "importance-weighted bound with K samples per datapoint",
     "elbo-enum": "ELBO with discrete sites marked for enumeration summed out exactly",
+    "em": "closed-form EM steps on the whole training set (models with em_update: mixtures, PPCA)",
 }
 BASELINES = ("none", "average", "neural")
 
 
 def make_objective(
-    name: str, k: int = 1, *, analytic_kl: bool = False, baseline: str = "average", input_dim: Optional[int] = None
+    name: str,
+    k: int = 1,
+    *,
+    analytic_kl: bool = False,
+    baseline: str = "average",
+    input_dim: Optional[int] = None,
+    schedule: Optional[KLSchedule] = None,
 ) -> LogWeightObjective:
-    """Build an objective from the names the ``dgm`` command takes."""
+    """Build an objective from the names the ``dgm`` command takes (``schedule``: KL
+    annealing and free bits, ``inference.schedules``)."""
     if k < 1:
         raise DGMError(f"--k must be >= 1, got {k}")
+    if schedule is not None:
+        if name in ("elbo-enum", "em"):
+            raise DGMError(f"KL annealing and free bits are not available with {name}; use elbo or iwae")
+        objective = make_objective(name, k, analytic_kl=analytic_kl, baseline=baseline, input_dim=input_dim)
+        return objective.set_schedule(schedule)
     if name == "elbo":
         return ELBO(k, analytic_kl=analytic_kl)
     if name == "elbo-sf":
@@ -310,4 +398,8 @@ def make_objective(
         return IWAE(k)
     if name == "elbo-enum":
         return EnumELBO(k)
+    if name == "em":
+        from inference.em import ClosedFormEM
+
+        return ClosedFormEM()
     raise DGMError(f"unknown objective {name!r}; choose from {', '.join(OBJECTIVES)}")

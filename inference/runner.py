@@ -12,6 +12,11 @@ stores the data generator's state at the start of the epoch, the position in the
 the global RNG state, so a run killed at any point resumes bit-for-bit on the same machine.
 
 No host sync per step: losses are summed on the device and read every ``log_every`` steps.
+
+Labels: for a model with ``uses_labels`` the runner passes ``y`` = the labels of the same
+rows (``data.train_labels[idx]`` for a minibatch, ``val_labels`` / ``test_labels`` slices
+when validating and evaluating) to every call of model and guide, and refuses data
+without labels before training. Other models are called exactly as before.
 """
 
 from __future__ import annotations
@@ -37,7 +42,8 @@ from models.base import DGMError, GenerativeModel
 
 
 class DataSource(Protocol):
-    """What the runner needs of a dataset (``experiments.data.Dataset`` is one)."""
+    """What the runner needs of a dataset (``experiments.data.Dataset`` is one); a model
+    with ``uses_labels`` also needs ``train_labels``, ``val_labels`` and ``test_labels``."""
 
     train: Tensor
     val: Tensor
@@ -131,6 +137,7 @@ class Runner:
         guide: str = "amortized",
         config: Optional[TrainConfig] = None,
         run_dir: Optional[Path] = None,
+        guide_options: Optional[Dict] = None,
     ):
         self.config = config or TrainConfig()
         self.device = resolve_device(self.config.device)
@@ -146,9 +153,20 @@ class Runner:
                     else data.train_epoch(torch.Generator().manual_seed(0)),
                     f"{split} data",
                 )
+        self.labels = self._labels(model, data) if model.uses_labels else None
+        if model.uses_labels and guide != "amortized":
+            raise DGMError(
+                f"{type(model).__name__} takes class labels and only its own (amortized) guide receives them; "
+                f"use --guide amortized instead of {guide}"
+            )
         self.objective = objective
+        self.closed_form = getattr(objective, "closed_form", False)  # EM: closed-form steps, no gradients
+        if self.closed_form:
+            objective.check(model)
+            if guide != "amortized":
+                raise DGMError("closed-form EM steps use no guide; drop --guide")
         self.guide_kind = guide
-        self.guide, self.guide_module = build_guide(guide, model, data.train.to(self.device))
+        self.guide, self.guide_module = build_guide(guide, model, data.train.to(self.device), **(guide_options or {}))
         if self.guide_module is not None:
             self.guide_module.to(self.device)
         for m in objective.modules():
@@ -160,6 +178,32 @@ class Runner:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl" if self.run_dir else None)
         self._best_model: Optional[dict] = None
+
+    def _labels(self, model: GenerativeModel, data: DataSource) -> Dict[str, Tensor]:
+        """The labels of every non-empty split, checked and on the device."""
+        labels = {}
+        for split in ("train", "val", "test"):
+            x = getattr(data, split)
+            if x is None or not x.shape[0]:
+                continue
+            y = getattr(data, f"{split}_labels", None)
+            if y is None:
+                raise DGMError(
+                    f"{type(model).__name__} needs class labels, but the {split} data of "
+                    f"{getattr(data, 'name', 'this dataset')} has none; use a labelled dataset "
+                    "(mnist, mnist-logit, mnist-embedded or digits)"
+                )
+            model.check_labels(y, x.shape[0], f"{split} labels")
+            labels[split] = y.to(self.device)
+        return labels
+
+    def _conditions(self, split: str, rows=None) -> Dict[str, Tensor]:
+        """Keyword arguments of model and guide for ``rows`` of ``split``: ``{"y": labels}``
+        for a model with labels, nothing otherwise."""
+        if self.labels is None:
+            return {}
+        y = self.labels[split]
+        return {"y": y if rows is None else y[rows]}
 
     def _collect_params(self) -> List[nn.Parameter]:
         modules = [self.model] + ([self.guide_module] if self.guide_module is not None else [])
@@ -177,13 +221,17 @@ class Runner:
     def _state(self, progress: dict) -> dict:
         return {
             "model": self.model.state_dict(),
-            "guide": self.guide_module.state_dict() if self.guide_module is not None else None,
+            "guide": self._guide_state(),
             "objective": self.objective.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             **progress,
         }
+
+    def _guide_state(self) -> Optional[dict]:
+        """Parameters of a guide the model does not hold (local and flow guides)."""
+        return self.guide_module.state_dict() if self.guide_module is not None else None
 
     def save_checkpoint(self, progress: dict) -> None:
         if self.checkpoint_path is not None:
@@ -234,7 +282,8 @@ class Runner:
             gen.set_state(progress["data_rng"])  # the epoch's data, reproducibly
             x_epoch = self.data.train_epoch(gen).to(self.device)
             perm = torch.randperm(n, generator=gen).to(self.device)
-            num_batches = math.ceil(n / cfg.batch_size)
+            batch_size = n if self.closed_form else cfg.batch_size  # an EM step sees every datapoint
+            num_batches = math.ceil(n / batch_size)
             sums, count = None, 0
             bar = tqdm(
                 range(progress["batch"], num_batches),
@@ -244,26 +293,15 @@ class Runner:
                 mininterval=2.0,
             )
             for b in bar:
-                idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-                loss, terms = self.objective.loss_terms(self.model.model, self.guide, x_epoch[idx], idx, n)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
+                idx = perm[b * batch_size : (b + 1) * batch_size]
+                terms = self._step(x_epoch[idx], idx, n, progress["step"])
                 progress["step"] += 1
                 progress["batch"] = b + 1
-                terms["loss"] = loss.detach() / n
                 sums = {k: v for k, v in terms.items()} if sums is None else {k: sums[k] + v for k, v in terms.items()}
                 count += 1
-                if progress["step"] % cfg.log_every == 0 or b == num_batches - 1:
-                    record = {k: float(v) / count for k, v in sums.items()}
-                    if not math.isfinite(record["loss"]):
-                        raise DGMError(
-                            f"the loss became {record['loss']} at step {progress['step']}; lower --lr "
-                            "or check the data (the last good checkpoint is kept)"
-                        )
-                    self.metrics.write(
-                        {"step": progress["step"], "epoch": epoch + (b + 1) / num_batches, "split": "train", **record}
-                    )
+                last = b == num_batches - 1 or (cfg.max_steps is not None and progress["step"] >= cfg.max_steps)
+                if progress["step"] % cfg.log_every == 0 or last:
+                    record = self._log_train(progress["step"], epoch + (b + 1) / num_batches, sums, count)
                     bar.set_postfix(bound=f"{record['bound']:.2f}")
                     sums, count = None, 0
                 progress["train_seconds"] = time.time() - start
@@ -278,6 +316,8 @@ class Runner:
                 progress["epoch"], progress["batch"] = epoch + 1, 0
                 progress["data_rng"] = gen.get_state()
                 stop = self._validate(progress) or stop
+            elif stop:  # the step budget ends mid-epoch: validate what it trained
+                self._validate(progress)
             progress["train_seconds"] = time.time() - start
             self.save_checkpoint(progress)
             last_ckpt = time.time()
@@ -287,54 +327,105 @@ class Runner:
         self.save_checkpoint(progress)
         best = self._best_model
         if self.run_dir is not None and (self.run_dir / "best.pt").exists():
-            best = torch.load(self.run_dir / "best.pt", map_location=self.device)["model"]
+            best = torch.load(self.run_dir / "best.pt", map_location=self.device)
         if best is not None:
-            self.model.load_state_dict(best)
+            self.model.load_state_dict(best["model"])
+            if self.guide_module is not None and best.get("guide") is not None:
+                self.guide_module.load_state_dict(best["guide"])
+        self.model.after_fit(self.data.train)
         return progress
+
+    def _step(self, x: Tensor, idx: Tensor, n: int, step: int) -> Dict[str, Tensor]:
+        """One optimizer step on the minibatch ``x`` (rows ``idx`` of ``n``), or one
+        closed-form step of a closed-form objective; returns the detached terms."""
+        if self.closed_form:
+            return self.objective.step(self.model, x)
+        if hasattr(self.objective, "set_step"):  # KL schedules (EnumELBO has none)
+            self.objective.set_step(step)
+        loss, terms = self.objective.loss_terms(
+            self.model.model, self.guide, x, idx, n, **self._conditions("train", idx)
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        terms["loss"] = loss.detach() / n
+        return terms
+
+    def _log_train(self, step: int, epoch: float, sums: Dict[str, Tensor], count: int) -> Dict[str, float]:
+        """Write the mean of the training terms since the last record; refuse a non-finite loss."""
+        record = {k: float(v) / count for k, v in sums.items()}
+        if not math.isfinite(record["loss"]):
+            raise DGMError(
+                f"the loss became {record['loss']} at step {step}; lower --lr "
+                "or check the data (the last good checkpoint is kept)"
+            )
+        self.metrics.write({"step": step, "epoch": epoch, "split": "train", **record})
+        return record
 
     def _validate(self, progress: dict) -> bool:
         """Record the validation bound; return True when early stopping says stop."""
         cfg = self.config
-        if not cfg.validate or self.guide_kind != "amortized" or self.data.val is None:
+        if not cfg.validate or self.guide_kind == "local" or self.data.val is None:
             return False
         val = self.data.val.to(self.device)
         with eval_mode(self.model, self.guide_module):
             bounds = [
-                self.objective.bound(self.model.model, self.guide, val[i : i + cfg.eval_batch_size])
+                self.objective.bound(
+                    self.model.model,
+                    self.guide,
+                    val[i : i + cfg.eval_batch_size],
+                    **self._conditions("val", slice(i, i + cfg.eval_batch_size)),
+                )
                 for i in range(0, val.shape[0], cfg.eval_batch_size)
             ]
         value = float(torch.cat(bounds).mean())
         self.metrics.write({"step": progress["step"], "epoch": progress["epoch"], "split": "val", "bound": value})
         if value > progress["best_val"]:
             progress["best_val"], progress["bad_epochs"] = value, 0
+            best = {"model": self.model.state_dict(), "guide": self._guide_state(), "epoch": progress["epoch"]}
             if self.run_dir is not None:
-                _atomic_save({"model": self.model.state_dict(), "epoch": progress["epoch"]}, self.run_dir / "best.pt")
+                _atomic_save(best, self.run_dir / "best.pt")
             else:  # no run directory: keep the best weights in memory
-                self._best_model = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+                self._best_model = _detached(best)
             return False
         progress["bad_epochs"] += 1
         return cfg.patience is not None and progress["bad_epochs"] >= cfg.patience
 
     # --- evaluation -------------------------------------------------------------------------
-    def evaluate(self, data: Optional[Tensor] = None, estimator: Optional[str] = None, k: Optional[int] = None) -> Dict:
+    def evaluate(
+        self,
+        data: Optional[Tensor] = None,
+        estimator: Optional[str] = None,
+        k: Optional[int] = None,
+        labels: Optional[Tensor] = None,
+    ) -> Dict:
         """log p(x) on held-out data (test set by default) with the configured estimator,
         plus the ELBO and active units. A local guide is first fitted on the held-out data
-        with the model frozen."""
+        with the model frozen. A model with labels needs ``labels`` of given ``data`` (for
+        the test set they are the dataset's); it then reports log p(x | y) or log p(x, y)."""
         cfg = self.config
         x = self.data.test if data is None else data
+        conditions = self._conditions("test") if data is None else {}
+        if self.model.uses_labels and data is not None:
+            if labels is None:
+                raise DGMError(f"{type(self.model).__name__} is evaluated with class labels: pass labels= for the data")
+            self.model.check_labels(labels, x.shape[0], "evaluation labels")
+            conditions = {"y": labels}
         if cfg.eval_limit is not None:
             x = x[: cfg.eval_limit]
+            conditions = {key: value[: cfg.eval_limit] for key, value in conditions.items()}
         x = x.to(self.device)
+        conditions = {key: value.to(self.device) for key, value in conditions.items()}
         method = estimator or cfg.eval_estimator
         if method == "auto":
             method = "exact" if self.model.has_exact_log_prob else "is"
         with eval_mode(self.model, self.guide_module):
-            return self._evaluate(x, method, k or cfg.eval_k)
+            return self._evaluate(x, method, k or cfg.eval_k, conditions)
 
-    def _evaluate(self, x: Tensor, method: str, k: int) -> Dict:
+    def _evaluate(self, x: Tensor, method: str, k: int, conditions: Dict[str, Tensor]) -> Dict:
         cfg = self.config
-        guide = self.guide if self.guide_kind == "amortized" else None
-        if method != "exact" and self.guide_kind != "amortized":
+        guide = self.guide if self.guide_kind != "local" else None
+        if method != "exact" and self.guide_kind == "local":
             guide = fit_local_guide(self.model, x, self.objective, cfg)
         t0 = time.time()
         est = estimate_dataset(
@@ -345,10 +436,11 @@ class Runner:
             guide=guide,
             batch_size=cfg.eval_batch_size,
             progress=cfg.progress,
+            conditions=conditions or None,
         )
         out = {**est.summary(), "eval_seconds": time.time() - t0}
         if method != "exact" and guide is not None:
-            out["active_units"] = active_units(self.model, guide, x)
+            out["active_units"] = active_units(self.model, guide, x, conditions=conditions or None)
         return out
 
 
@@ -401,3 +493,10 @@ class _Fixed:
 
     def train_epoch(self, generator: torch.Generator) -> Tensor:
         return self.train
+
+
+def _detached(state):
+    """A copy of a (nested) state dict that later optimizer steps do not change."""
+    if isinstance(state, dict):
+        return {k: _detached(v) for k, v in state.items()}
+    return state.detach().clone() if isinstance(state, Tensor) else state

@@ -15,14 +15,21 @@ from models.autoregressive.transformer import Transformer, TransformerConfig
 from models.autoregressive.wavenet import WaveNet, WaveNetConfig
 from models.base import DataError, DataSpec, DGMError, GenerativeModel
 from models.flows import MAF, NICE, RealNVP
+from models.latent.ar_vae import ARVAE
 from models.latent.bernoulli_mixture import BernoulliMixture, BernoulliMixtureConfig
+from models.latent.cvae import CVAE, CVAEConfig
 from models.latent.gaussian_mixture import GaussianMixture, GaussianMixtureConfig
+from models.latent.m2 import M2, M2Config
 from models.latent.ppca import PPCA, PPCAConfig
 from models.latent.sbn import SBN, SBNConfig
 from models.latent.vae import VAE, VAEConfig
+from models.latent.vae2 import VAE2, VAE2Config
+from models.latent.vqvae import VQVAE, VQVAEConfig
 
 REGISTRY = {
     "vae": VAE,
+    "vae2": VAE2,
+    "ar_vae": ARVAE,
     "ppca": PPCA,
     "fvsbn": FVSBN,
     "nade": NADE,
@@ -30,15 +37,18 @@ REGISTRY = {
     "rnade": RNADE,
     "charrnn": CharRNN,
     "transformer": Transformer,
+    "wavenet": WaveNet,
     "pixelcnn": PixelCNN,
     "gated_pixelcnn": GatedPixelCNN,
-    "wavenet": WaveNet,
     "nice": NICE,
     "realnvp": RealNVP,
     "maf": MAF,
     "sbn": SBN,
     "bernoulli_mixture": BernoulliMixture,
     "gaussian_mixture": GaussianMixture,
+    "cvae": CVAE,
+    "m2": M2,
+    "vqvae": VQVAE,
 }
 
 __all__ = [
@@ -49,6 +59,8 @@ __all__ = [
     "DataError",
     "VAE",
     "VAEConfig",
+    "VAE2",
+    "VAE2Config",
     "PPCA",
     "PPCAConfig",
     "FVSBN",
@@ -63,16 +75,22 @@ __all__ = [
     "CharRNNConfig",
     "Transformer",
     "TransformerConfig",
+    "WaveNet",
+    "WaveNetConfig",
     "PixelCNN",
     "PixelCNNConfig",
     "GatedPixelCNN",
     "GatedPixelCNNConfig",
-    "WaveNet",
-    "WaveNetConfig",
     "SBN",
     "SBNConfig",
     "BernoulliMixture",
     "BernoulliMixtureConfig",
     "GaussianMixture",
     "GaussianMixtureConfig",
+    "CVAE",
+    "CVAEConfig",
+    "M2",
+    "M2Config",
+    "VQVAE",
+    "VQVAEConfig",
 ]

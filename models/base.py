@@ -15,6 +15,27 @@ A model is an ``nn.Module`` that carries a Pyro program and its default guide:
 * ``data_spec``: the event shape and support of the observed data; ``check_data``
   rejects bad data with a message before any training starts.
 
+Labels. A model with ``uses_labels = True`` (class-conditional and semi-supervised models)
+takes a keyword ``y`` in ``model(x, idx=None, size=None, y=None)`` and ``guide(...)``: the
+int64 class labels ``[B]`` of the same rows as ``x``, where ``-1`` marks an unlabelled
+datapoint (only semi-supervised models accept it). The runner then passes ``y`` to every
+call of the pair (training, validation, evaluation, diagnostics) and refuses data without
+labels; ``check_labels`` validates them once, before training. Models without labels are
+called exactly as before, without the keyword.
+
+Auxiliary losses. A model whose training loss has terms that are not part of its bound
+(VQ-VAE's commitment loss) calls ``self.add_aux_loss(name, value)`` from its model or guide,
+with ``value`` one loss per datapoint ``[B]`` (or ``[..., B]``, averaged over the leading
+dims); ``self.add_metric(name, scalar)`` records a diagnostic (codebook perplexity). An
+objective collects both with ``collect_aux_terms(train)`` around one evaluation of the
+pair: it adds ``(N / B) * sum_b value_b`` to the training loss (weighted like the
+log-likelihood terms) and logs the mean as ``aux/NAME``, but never adds it to the bound it
+reports. Outside a collector both calls do nothing, so evaluation and estimators see the
+plain program. State updated outside the gradient (an EMA codebook) changes only while
+``self.updating``: in training mode, and not while an objective evaluates without training
+(``train=False``) or only probes the program's structure. Models that call neither are
+trained exactly as before.
+
 Models hold no training code. Their parameters are plain ``nn.Module`` parameters: the
 runner optimises ``module.parameters()`` directly, and ``svi_pair()`` wraps the pair
 for ``pyro.infer.SVI``, which finds parameters through Pyro's param store.
@@ -22,8 +43,9 @@ for ``pyro.infer.SVI``, which finds parameters through Pyro's param store.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, ClassVar, Literal, Optional, Tuple
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Dict, Iterator, List, Literal, Optional, Tuple
 
 import pyro
 import torch
@@ -101,6 +123,32 @@ class DataSpec:
                 raise DataError(f"{what}: expected integer levels 0..{k - 1} ({expected})")
 
 
+@dataclass
+class AuxTerms:
+    """What one evaluation of a model/guide pair adds besides its log-densities: per-datapoint
+    auxiliary ``losses`` (``[..., B]``) and scalar ``metrics``; ``train`` says whether the
+    evaluation is a training step (state outside the gradient may then change)."""
+
+    train: bool
+    losses: Dict[str, Tensor] = field(default_factory=dict)
+    metrics: Dict[str, Tensor] = field(default_factory=dict)
+
+
+_AUX_COLLECTORS: List[AuxTerms] = []
+
+
+@contextmanager
+def collect_aux_terms(train: bool = True) -> Iterator[AuxTerms]:
+    """Collect the ``add_aux_loss`` / ``add_metric`` calls of the models run inside (the
+    innermost collector gets them; ``train=False`` also stops their state updates)."""
+    terms = AuxTerms(train)
+    _AUX_COLLECTORS.append(terms)
+    try:
+        yield terms
+    finally:
+        _AUX_COLLECTORS.pop()
+
+
 class GenerativeModel(nn.Module):
     """Base class of every model: a Pyro model/guide pair plus sampling and data checks."""
 
@@ -109,6 +157,8 @@ class GenerativeModel(nn.Module):
     max_plate_nesting: ClassVar[int] = 1
     config_class: ClassVar[Optional[type]] = None  # dataclass of hyperparameters
     presets: ClassVar[dict] = {}  # name -> config_class instance
+    uses_labels: ClassVar[bool] = False  # model/guide take the keyword y (class labels)
+    accepts_unlabelled: ClassVar[bool] = False  # y may mark unlabelled rows with -1 (semi-supervised)
 
     def __init__(self, data_spec: DataSpec) -> None:
         super().__init__()
@@ -144,6 +194,36 @@ class GenerativeModel(nn.Module):
 
     def check_data(self, x: Tensor, what: str = "data") -> None:
         self.data_spec.check(x, what)
+
+    def after_fit(self, train: Tensor) -> None:
+        """Called by the runner once training ends, on the final (best-validation) weights,
+        with the training data: state that is not learned by gradient but computed from the
+        data goes here (a flow's batch-norm statistics). Default: nothing."""
+
+    # --- auxiliary training terms (see the module docstring) ------------------------------
+    def add_aux_loss(self, name: str, value: Tensor) -> None:
+        """Add the per-datapoint loss ``value`` ``[..., B]`` to the training loss of the
+        objective evaluating this model (never to its bound); no-op outside a collector."""
+        if _AUX_COLLECTORS:
+            losses = _AUX_COLLECTORS[-1].losses
+            losses[name] = losses[name] + value if name in losses else value
+
+    def add_metric(self, name: str, value: Tensor) -> None:
+        """Record a scalar diagnostic ``value`` under ``name`` (no-op outside a collector)."""
+        if _AUX_COLLECTORS:
+            _AUX_COLLECTORS[-1].metrics[name] = value.detach()
+
+    @property
+    def updating(self) -> bool:
+        """Whether a forward pass may update state outside the gradient (EMA buffers)."""
+        return self.training and (not _AUX_COLLECTORS or _AUX_COLLECTORS[-1].train)
+
+    def check_labels(self, y: Tensor, num_rows: int, what: str = "labels") -> None:
+        """Raise ``DataError`` unless ``y`` is an int64 vector of ``num_rows`` labels
+        (models with labels refine this with their classes)."""
+        if not isinstance(y, Tensor) or y.dtype != torch.int64 or tuple(y.shape) != (num_rows,):
+            got = f"{y.dtype} {list(y.shape)}" if isinstance(y, Tensor) else type(y).__name__
+            raise DataError(f"{what}: expected int64 class labels of shape [{num_rows}], got {got}")
 
     def svi_pair(self, name: Optional[str] = None) -> Tuple[Callable, Callable]:
         """``(model, guide)`` callables that register this module with Pyro's param store,

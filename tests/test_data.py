@@ -282,6 +282,25 @@ def test_mnist_logit_inverts_to_the_pixels(mnist_root):
     assert (ds.val.double() - exact).abs().max() < 1e-4  # float32 loses nothing at the extremes
 
 
+def test_mnist_dequantized_floors_back_to_the_pixels(mnist_root):
+    ds = load("mnist-dequantized", root=mnist_root)
+    assert ds.spec.support == "real" and ds.info["levels"] == 256
+    pixels = read_idx(mnist_root / "train-images-idx3-ubyte.gz").reshape(-1, 784)[-400:]
+    assert torch.equal(torch.floor(256 * ds.val.double()), torch.from_numpy(pixels).double())
+    u = torch.rand(400, 784, generator=torch.Generator().manual_seed(2))  # val: seed + 2
+    assert torch.equal(ds.val, (torch.from_numpy(pixels).float() + u) / 256)
+
+
+def test_digits_dequantized_floors_back_to_the_levels():
+    real, levels = load("digits-dequantized"), load("digits17")
+    for part in ("train", "val", "test"):
+        x = getattr(real, part)
+        assert x.min() >= 0 and x.max() < 1
+        assert torch.equal(torch.floor(17 * x.double()), getattr(levels, part).double())
+        assert torch.equal(getattr(real, f"{part}_labels"), getattr(levels, f"{part}_labels"))
+    assert (17 * real.train - levels.train).std() > 0.25  # the noise is uniform on each cell (std 0.289)
+
+
 def test_logit_log_jacobian_matches_autograd():
     lam = 1e-6
     x = torch.rand(3, 5, dtype=torch.float64, requires_grad=True)
@@ -429,7 +448,7 @@ def test_unknown_names_and_options_list_the_choices():
 
 
 # speech is synthesized by espeak-ng (tests/test_wavenet.py covers it where espeak-ng exists)
-@pytest.mark.parametrize("name", sorted(set(data.DATASETS) - {"mnist", "mnist-logit", "speech"}))
+@pytest.mark.parametrize("name", sorted(set(data.DATASETS) - {"mnist", "mnist-logit", "mnist-dequantized", "speech"}))
 def test_every_listed_dataset_loads_and_describes_itself(name):
     ds = load(name)
     line = ds.describe()

@@ -13,6 +13,8 @@
   wrong data and settings are rejected.
 """
 
+import copy
+import json
 import math
 
 import pytest
@@ -227,6 +229,20 @@ def test_batch_norm_statistics_from_a_dataset_standardize_every_batch_norm_input
             torch.testing.assert_close(standardized.var(0, unbiased=False), torch.ones(3), atol=1e-10, rtol=0)
         h = layer(h)[0]
     assert norms == 2
+
+
+def test_the_runner_ends_fit_with_batch_norm_statistics_of_the_training_set():
+    data = datasets.load("moons")
+    torch.manual_seed(0)
+    model = MAF(data.spec, MAFConfig(layers=2, hidden=(8,), batch_norm=True))
+    config = TrainConfig(epochs=1, max_steps=20, batch_size=100, device="cpu", progress=False, validate=False)
+    Runner(model, data, ELBO(1), config=config).fit()
+    expected = copy.deepcopy(model)
+    expected.set_batch_norm_statistics(data.train)
+    for (name, got), (_, want) in zip(model.named_buffers(), expected.named_buffers()):
+        assert torch.equal(got, want), name
+    first = next(layer for layer in model.transforms if isinstance(layer, BatchNormFlow))
+    assert first.running_mean.abs().max() > 0  # not the initial statistics
 
 
 # --- MAF: autoregressive through gradients ---------------------------------------------------------
@@ -496,3 +512,62 @@ def test_density_plot_grid_holds_the_mass_and_the_png_is_written(tmp_path, float
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(DGMError, match="2-D"):
         density_on_grid(MAF(real(3), MAFConfig(layers=1, hidden=(4,))), (-1.0, 1.0, -1.0, 1.0))
+
+
+def _strict_json(text: str):
+    def refuse(token):
+        raise ValueError(f"non-standard JSON token {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_dgm_trains_a_flow_on_moons_and_draws_its_density(tmp_path, one_thread):
+    from experiments.cli import main
+
+    run = tmp_path / "realnvp"
+    args = ["train", "realnvp", "--preset", "small", "--data", "moons", "--epochs", "1", "--max-steps", "5"]
+    assert main(args + ["--no-progress", "--run-dir", str(run)]) == 0
+    summary = _strict_json((run / "summary.json").read_text())  # no NaN / Infinity tokens
+    assert summary["test"]["estimator"] == "exact" and summary["test"]["elbo"] is None
+    png = (run / "density.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+    assert main(["density", str(run), "--out", str(tmp_path / "d.png"), "--split", "test"]) == 0
+    assert (tmp_path / "d.png").read_bytes().startswith(b"\x89PNG")
+    vae = tmp_path / "vae"
+    assert (
+        main(
+            [
+                "train",
+                "vae",
+                "--preset",
+                "small",
+                "--data",
+                "digits",
+                "--epochs",
+                "1",
+                "--max-steps",
+                "2",
+                "--eval-k",
+                "2",
+                "--no-progress",
+                "--run-dir",
+                str(vae),
+            ]
+        )
+        == 0
+    )
+    assert main(["density", str(vae)]) == 2  # not 2-D: one line, no traceback
+
+
+def test_summary_bits_per_dim_is_the_mean_of_the_per_image_bits(float64):
+    from experiments.runs import _logit_bits_per_dim
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(30, 784, generator=g) * 3
+    log_p = -1000 + 50 * torch.randn(30, generator=g)
+    per_image = logit_bits_per_dim(log_p, y)
+    got = _logit_bits_per_dim(float(-log_p.mean()), y, TrainConfig())
+    assert got == pytest.approx(float(per_image.mean()), rel=1e-12)
+    assert _logit_bits_per_dim(float(-log_p[:10].mean()), y, TrainConfig(eval_limit=10)) == pytest.approx(
+        float(per_image[:10].mean()), rel=1e-12
+    )

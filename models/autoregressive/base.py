@@ -17,6 +17,11 @@ Completion (inpainting) is conditional ancestral sampling: ``given`` is a tensor
 values are clamped as sampling proceeds, which draws exactly from ``p(x_unknown | x_known)``
 when every known position precedes every unknown one in the generation order (the top half
 of a raster-scanned image); :meth:`AutoregressiveModel.known_mask` refuses anything else.
+
+Conditional models: a subclass built with ``context_dim > 0`` (PixelCNN, Gated PixelCNN and
+char-RNN as the decoders of ``models/latent/ar_vae.py``) models ``p(x | h)`` for a context
+vector ``h`` and takes ``context [B, context_dim]`` in its density and sampling calls,
+checked by :meth:`AutoregressiveModel.check_context`.
 """
 
 from __future__ import annotations
@@ -82,6 +87,7 @@ class AutoregressiveModel(GenerativeModel):
     """Base class: a fully observed model with exact ``log_prob`` and ancestral ``sample``."""
 
     has_exact_log_prob = True
+    context_dim: int = 0  # > 0: a conditional model p(x | h), h of this size (see the module docstring)
 
     def model(self, x: Tensor, idx: Optional[Tensor] = None, size: Optional[int] = None):
         with self.data_plate(x, idx, size):
@@ -98,6 +104,21 @@ class AutoregressiveModel(GenerativeModel):
     def sample(self, n: int, given: Optional[Tensor] = None) -> Tensor:
         """``[n, *event_shape]`` ancestral samples; ``given`` clamps known values (NaN = draw)."""
         raise NotImplementedError
+
+    def check_context(self, context: Optional[Tensor], n: int) -> None:
+        """Refuse a missing or misshapen ``context`` of a conditional model (``[n, context_dim]``),
+        and any context for an unconditional one."""
+        name = type(self).__name__
+        if self.context_dim == 0:
+            if context is not None:
+                raise DGMError(f"{name} was built without conditioning (context_dim=0) but was given a context")
+            return
+        if context is None or tuple(context.shape) != (n, self.context_dim):
+            got = "none" if context is None else f"shape {list(context.shape)}"
+            raise DGMError(
+                f"{name} is conditional (context_dim={self.context_dim}): pass context of shape "
+                f"[{n}, {self.context_dim}], got {got}"
+            )
 
     def known_mask(self, given: Optional[Tensor], n: int, order: Optional[Tensor] = None) -> Optional[Tensor]:
         """Check ``given`` for ``sample(n, given)`` and return its flat known mask ``[n, D]``

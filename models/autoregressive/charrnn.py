@@ -17,7 +17,14 @@ binary / categorical data read in raster order (``--opt sequence=raster``). The 
 weights do not depend on ``T``: a trained model scores a string the same way under any
 maximum length longer than the string plus its END.
 
+**As a VAE decoder** (Bowman et al. 2016; ``models/latent/ar_vae.py``): built with
+``context_dim = L > 0`` the network models ``p(x | z)`` for a context ``z [B, L]``, which
+sets the initial state, ``(h_0, c_0) = tanh(W z + b)`` (every layer), and is concatenated to
+the input of every step, ``[e(x_{t-1}); z]``. ``context_dim = 0`` (the default) builds
+neither: the model is then exactly the unconditional char-RNN.
+
 References: A. Graves, "Generating sequences with recurrent neural networks", 2013;
+S. R. Bowman et al., "Generating sentences from a continuous space", CoNLL 2016;
 A. Karpathy, "The unreasonable effectiveness of recurrent neural networks", 2015 (char-rnn:
 2-layer LSTMs of 512 units, the ``karpathy`` preset).
 """
@@ -27,6 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
 from models.autoregressive.sequence import SequenceModel, ShiftedEmbedding, sequence_for
@@ -65,7 +73,7 @@ class CharRNN(SequenceModel):
     config_class = CharRNNConfig
     presets = PRESETS
 
-    def __init__(self, data_spec: DataSpec, config: Optional[CharRNNConfig] = None):
+    def __init__(self, data_spec: DataSpec, config: Optional[CharRNNConfig] = None, context_dim: int = 0):
         super().__init__(data_spec)
         self.config = config = config or CharRNNConfig()
         if config.cell not in CELLS:
@@ -74,11 +82,14 @@ class CharRNN(SequenceModel):
             raise DGMError(f"embedding, hidden and layers must be >= 1, got {config}")
         if not 0 <= config.dropout < 1:
             raise DGMError(f"dropout must be in [0, 1), got {config.dropout}")
+        if context_dim < 0:
+            raise DGMError(f"context_dim must be >= 0 (0: unconditional), got {context_dim}")
+        self.context_dim = context_dim
         self.sequence = sequence_for(data_spec, config.sequence, "CharRNN")
         levels = self.sequence.levels
         self.embed = ShiftedEmbedding(levels, config.embedding)
         self.rnn = CELLS[config.cell](
-            config.embedding,
+            config.embedding + context_dim,
             config.hidden,
             num_layers=config.layers,
             batch_first=True,
@@ -86,12 +97,35 @@ class CharRNN(SequenceModel):
         )
         self.drop = nn.Dropout(config.dropout)
         self.head = nn.Linear(config.hidden, levels)
+        if context_dim:
+            states = 2 if config.cell == "lstm" else 1
+            self.context_state = nn.Linear(context_dim, states * config.layers * config.hidden)
 
-    def logits(self, features: Tensor) -> Tensor:
-        out, _ = self.rnn(self.drop(self.embed(features)))
+    def initial_state(self, context: Optional[Tensor]):
+        """``None`` (zeros) without context; else ``tanh(W z + b)`` split into the cell's
+        state(s), each ``[layers, B, hidden]``."""
+        if context is None:
+            return None
+        layers, hidden = self.config.layers, self.config.hidden
+        raw = torch.tanh(self.context_state(context)).reshape(context.shape[0], -1, layers, hidden)
+        states = raw.permute(1, 2, 0, 3).contiguous()  # [states, layers, B, hidden]
+        return (states[0], states[1]) if self.config.cell == "lstm" else states[0]
+
+    def _inputs(self, embedded: Tensor, context: Optional[Tensor]) -> Tensor:
+        """The RNN inputs ``[B, T, embedding (+ context_dim)]``: ``z`` joins every step's input."""
+        if context is None:
+            return embedded
+        return torch.cat([embedded, context[:, None].expand(-1, embedded.shape[1], -1)], dim=-1)
+
+    def logits(self, features: Tensor, context: Optional[Tensor] = None) -> Tensor:
+        inputs = self._inputs(self.drop(self.embed(features)), context)
+        out, _ = self.rnn(inputs, self.initial_state(context))
         return self.head(self.drop(out))
 
-    def step(self, x: Tensor, t: int, state):
+    def step(self, x: Tensor, t: int, state, context: Optional[Tensor] = None):
         previous = None if t == 0 else self.sequence.features(x[:, t - 1])
-        out, state = self.rnn(self.drop(self.embed.at(previous, x.shape[0]))[:, None], state)
+        if t == 0:
+            state = self.initial_state(context)
+        inputs = self._inputs(self.drop(self.embed.at(previous, x.shape[0]))[:, None], context)
+        out, state = self.rnn(inputs, state)
         return self.head(self.drop(out[:, 0])), state

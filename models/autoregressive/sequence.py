@@ -30,6 +30,11 @@ Two ways to read the data (:func:`sequence_for`, the ``sequence`` option of both
 ``auto`` picks ``tokens`` for categorical data of one axis without an image shape (names),
 ``raster`` otherwise.
 
+Conditioning: a model built with ``context_dim = L > 0`` (the char-RNN as the decoder of a
+VAE, ``models/latent/ar_vae.py``) models ``p(x | h) = prod_t p(x_t | x_<t, h)`` for a context
+vector ``h [B, L]`` that every density and sampling call then takes (``context=``); how the
+network reads ``h`` is the subclass's business. ``context_dim = 0`` (the default) takes none.
+
 Nats per character (:func:`nats_per_char`) divide the total NLL of a set of strings by
 its number of symbols *including* each string's END (n + 1 for a name of n characters), the
 usual convention of character-level language models.
@@ -182,12 +187,13 @@ class SequenceModel(AutoregressiveModel):
 
     sequence: RasterScan
 
-    def logits(self, features: Tensor) -> Tensor:
+    def logits(self, features: Tensor, context: Optional[Tensor] = None) -> Tensor:
         """``[B, T, levels]`` logits of ``x_t | x_<t`` from features ``[B, T, levels]`` of
-        ``x_0..x_{T-1}`` (``T <= D``); position ``t`` must not read ``features[:, t:]``."""
+        ``x_0..x_{T-1}`` (``T <= D``); position ``t`` must not read ``features[:, t:]``.
+        ``context``: ``[B, context_dim]`` for a conditional model, else ``None``."""
         raise NotImplementedError
 
-    def step(self, x: Tensor, t: int, state) -> Tuple[Tensor, object]:
+    def step(self, x: Tensor, t: int, state, context: Optional[Tensor] = None) -> Tuple[Tensor, object]:
         """``(logits [n, levels] of x_t, state)`` from the prefix ``x[:, :t]`` and the state
         the previous step returned (``None`` at ``t = 0``)."""
         raise NotImplementedError
@@ -196,10 +202,15 @@ class SequenceModel(AutoregressiveModel):
         super().check_data(x, what)
         self.sequence.check(x.reshape(x.shape[0], -1), what)
 
-    def conditional_log_probs(self, x: Tensor) -> Tensor:
+    def conditional_log_probs(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
         flat = x.reshape(x.shape[0], -1)
         self.sequence.check(flat)
-        return self.sequence.log_prob(self.logits(self.sequence.features(flat)), flat)
+        self.check_context(context, flat.shape[0])
+        return self.sequence.log_prob(self.logits(self.sequence.features(flat), context), flat)
+
+    def log_prob(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
+        """Exact ``log p(x)`` (``log p(x | context)`` for a conditional model) per datapoint."""
+        return self.conditional_log_probs(x, context).sum(-1)
 
     @torch.no_grad()
     def sample(
@@ -208,20 +219,23 @@ class SequenceModel(AutoregressiveModel):
         given: Optional[Tensor] = None,
         temperature: float = 1.0,
         generator: Optional[torch.Generator] = None,
+        context: Optional[Tensor] = None,
     ) -> Tensor:
         """``n`` ancestral samples ``[n, *event_shape]``, left to right. ``temperature``
         divides every logit (1: the model; -> 0: the most likely next symbol, exactly at 0;
         > 1: flatter). ``given`` clamps a known prefix (NaN where to draw; see the base
-        class); for token strings it must itself be END-padded."""
+        class); for token strings it must itself be END-padded. ``context`` ``[n, context_dim]``:
+        the conditioning of a conditional model, one row per sample."""
         if temperature < 0:
             raise DGMError(f"temperature must be >= 0, got {temperature}")
+        self.check_context(context, n)
         known = self.known_mask(given, n)
         if given is not None:
             self.sequence.check(given.reshape(n, -1).nan_to_num(float(END)), "given")
         x = torch.zeros(n, self.data_spec.dim, device=self.device)
         state = None
         for t in range(self.data_spec.dim):
-            logits, state = self.step(x, t, state)
+            logits, state = self.step(x, t, state, context)
             x[:, t] = self.sequence.draw(logits, x, t, temperature, generator)
             self.clamp(x, given, known, t)
         return x.reshape((n,) + tuple(self.data_spec.event_shape))

@@ -117,14 +117,14 @@ class Transformer(SequenceModel):
         self.drop = nn.Dropout(config.dropout)
         self.register_buffer("causal_mask", torch.ones(length, length, dtype=torch.bool).tril())
 
-    def logits(self, features: Tensor) -> Tensor:
-        t = features.shape[1]
+    def logits(self, features: Tensor, context: Optional[Tensor] = None) -> Tensor:
+        t = features.shape[1]  # context: always None (unconditional; SequenceModel checks)
         h = self.drop(self.embed(features) + self.position[:t])
         mask = self.causal_mask[:t, :t]
         for block in self.blocks:
             h = block(h, mask)
         return self.head(self.ln(h))
 
-    def step(self, x: Tensor, t: int, state):
+    def step(self, x: Tensor, t: int, state, context: Optional[Tensor] = None):
         """Recompute the prefix (``x[:, t]`` is not read: the inputs are shifted)."""
         return self.logits(self.sequence.features(x[:, : t + 1]))[:, t], None

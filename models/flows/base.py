@@ -138,12 +138,26 @@ class FlowModel(GenerativeModel):
                     layer.running_var.copy_(h.var(0, unbiased=False))
                 h = torch.cat([layer(c)[0] for c in h.split(chunk)])
 
+    def after_fit(self, train: Tensor) -> None:
+        """The MAF paper's protocol: batch-norm statistics from the whole training set."""
+        if any(isinstance(layer, BatchNormFlow) for layer in self.transforms):
+            ref = next(self.parameters())
+            self.set_batch_norm_statistics(train.to(device=ref.device, dtype=ref.dtype))
+
     @torch.no_grad()
     def sample(self, n: int, generator: Optional[torch.Generator] = None) -> Tensor:
         """``n`` samples ``[n, *event_shape]``: ``z ~ p_base`` through the inverse layers."""
         ref = next(self.parameters())
         z = self.base.sample((n, self.data_spec.dim), generator=generator, dtype=ref.dtype, device=ref.device)
         return self.to_data(z)[0]
+
+
+def check_couplings(couplings: int, dim: int, name: str) -> None:
+    """Refuse a coupling flow that has no layers or nothing to split."""
+    if couplings < 1:
+        raise DGMError(f"couplings must be >= 1, got {couplings}")
+    if dim < 2:
+        raise DGMError(f"a coupling layer splits the coordinates in two: {name} needs data of dimension >= 2")
 
 
 def logit_bits_per_dim(log_p_y: Tensor, y: Tensor, lam: Optional[float] = None) -> Tensor:

@@ -27,8 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
-from models.base import DGMError
-from models.flows.base import FlowModel
+from models.flows.base import FlowModel, check_couplings
 from models.flows.transforms import AdditiveCoupling, DiagonalScaling, Transform, coupling_mask
 
 __all__ = ["NICE", "NICEConfig", "PRESETS"]
@@ -66,10 +65,7 @@ class NICE(FlowModel):
 
     def build_transforms(self, dim: int, image_shape) -> List[Transform]:
         c = self.config
-        if c.couplings < 1:
-            raise DGMError(f"couplings must be >= 1, got {c.couplings}")
-        if dim < 2:
-            raise DGMError("a coupling layer splits the coordinates in two: NICE needs data of dimension >= 2")
+        check_couplings(c.couplings, dim, "NICE")
         layers: List[Transform] = [
             AdditiveCoupling(coupling_mask(c.mask, dim, image_shape, k % 2), c.hidden, c.activation)
             for k in range(c.couplings)

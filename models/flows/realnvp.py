@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 from models.base import DGMError
-from models.flows.base import FlowModel
+from models.flows.base import FlowModel, check_couplings
 from models.flows.transforms import NORMALIZATIONS, AffineCoupling, Transform, coupling_mask
 
 __all__ = ["RealNVP", "RealNVPConfig", "PRESETS"]
@@ -69,10 +69,7 @@ class RealNVP(FlowModel):
 
     def build_transforms(self, dim: int, image_shape) -> List[Transform]:
         c = self.config
-        if c.couplings < 1:
-            raise DGMError(f"couplings must be >= 1, got {c.couplings}")
-        if dim < 2:
-            raise DGMError("a coupling layer splits the coordinates in two: Real NVP needs data of dimension >= 2")
+        check_couplings(c.couplings, dim, "Real NVP")
         if c.norm not in (*NORMALIZATIONS, "none"):
             raise DGMError(f"unknown norm {c.norm!r}; choose from {', '.join(NORMALIZATIONS)} or none")
         mask = c.mask if c.mask != "auto" else ("checkerboard" if image_shape is not None else "alternating")

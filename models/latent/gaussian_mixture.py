@@ -19,7 +19,7 @@ covariance, as scikit-learn's ``GaussianMixture`` does; with ``alpha = reg = 0``
 maximum-likelihood EM, which never decreases the log-likelihood.
 
 The model site ``z`` is enumerable and the guide is the amortized categorical
-``q(z | x)`` (see :class:`~models.latent.bernoulli_mixture.MixtureModel`).
+``q(z | x)`` (see :class:`~models.latent.mixture.MixtureModel`).
 
 Reference: C. M. Bishop, *Pattern Recognition and Machine Learning*, chapter 9, 2006.
 """
@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from models.base import DataError, DataSpec, DGMError
-from models.latent.bernoulli_mixture import MixtureModel
+from models.latent.mixture import MixtureModel
 
 __all__ = ["GaussianMixture", "GaussianMixtureConfig", "PRESETS"]
 

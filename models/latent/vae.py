@@ -5,6 +5,11 @@ Generative program::
     z ~ N(0, I_L)
     x | z ~ likelihood(decoder(z))     # Bernoulli, Gaussian or categorical pixels
 
+For real data (``mnist-logit``, ``--binarization none``) the likelihood is
+``N(x | decoder(z), diag(sigma^2))`` with ``sigma`` learned (``decoder_scale``: one
+``shared`` scalar, one ``per-pixel`` vector, or ``per-datapoint`` from the decoder's second
+half of outputs) or fixed at ``gaussian_scale`` (``learn_scale=False``).
+
 Default guide (the amortized encoder)::
 
     q(z | x) = N(mu(x), diag(sigma(x)^2)),  (mu, log sigma) = encoder(x)
@@ -35,7 +40,8 @@ class VAEConfig:
     decoder_hidden: Tuple[int, ...] = (200, 200)
     activation: str = "tanh"
     gaussian_scale: Optional[float] = None  # initial (or fixed) decoder scale for real data
-    learn_scale: bool = True  # learn one shared decoder scale for real data
+    learn_scale: bool = True  # learn the decoder scale for real data (False: fixed at gaussian_scale)
+    decoder_scale: str = "shared"  # real data: shared | per-pixel | per-datapoint (decoder outputs)
     min_posterior_scale: float = 1e-4
 
 
@@ -59,7 +65,7 @@ class VAE(GenerativeModel):
         self.config = config
         if config.latent_dim < 1:
             raise DGMError(f"latent_dim must be >= 1, got {config.latent_dim}")
-        self.likelihood = likelihood_for(data_spec, config.gaussian_scale, config.learn_scale)
+        self.likelihood = likelihood_for(data_spec, config.gaussian_scale, config.learn_scale, config.decoder_scale)
         d = data_spec.dim
         self.decoder = MLP(config.latent_dim, config.decoder_hidden, self.likelihood.num_outputs(), config.activation)
         self.encoder = MLP(d, config.encoder_hidden, 2 * config.latent_dim, config.activation)

@@ -26,11 +26,18 @@ are drawn; :meth:`MaskedConv2d.at` then computes the output at one position from
 entries not yet written are zero, and the mask gives them zero weight, so the result equals
 the full convolution's at that position (up to float rounding: the sums run in another
 order).
+
+Conditioning (van den Oord et al., "Conditional Image Generation with PixelCNN Decoders",
+NeurIPS 2016, eq. 4): a layer built with ``context_dim > 0`` adds a bias ``V h`` computed from
+a global context vector ``h`` (a class, or a VAE's latent ``z``) to its pre-activations at
+every position (:class:`ContextBias`). ``h`` is not an image input, so the bias leaves the
+raster-order causality in ``x`` intact. With ``context_dim = 0`` (the default) no such layer
+exists and the block is exactly the unconditional one.
 """
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -64,6 +71,27 @@ def shift_down(t: Tensor) -> Tensor:
     """``out[..., r, :] = t[..., r - 1, :]`` and zeros in row 0: a map whose row ``r`` holds
     only what ``t`` knew at row ``r - 1``."""
     return F.pad(t, (0, 0, 1, 0))[..., :-1, :]
+
+
+class ContextBias(nn.Linear):
+    """``h [n, context_dim] -> V h [n, channels]``: a per-channel bias, the same at every
+    position, from a global context vector (no bias of its own: the conv it is added to has one)."""
+
+    def __init__(self, context_dim: int, channels: int):
+        super().__init__(context_dim, channels, bias=False)
+
+
+def add_bias(t: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``t + bias`` broadcast over the positions of a map ``[n, C, H, W]``, a row ``[n, C, W]``
+    or a vector ``[n, C]``; ``t`` itself when ``bias`` is ``None``."""
+    if bias is None:
+        return t
+    return t + bias.reshape(bias.shape + (1,) * (t.dim() - 2))
+
+
+def context_bias(layer: Optional[ContextBias], context: Optional[Tensor]) -> Optional[Tensor]:
+    """``layer(context)``, or ``None`` for an unconditional layer (``context`` is then ``None``)."""
+    return None if layer is None else layer(context)
 
 
 class MaskedConv2d(nn.Conv2d):
@@ -134,24 +162,27 @@ class Conv1x1(nn.Conv2d):
 class ResidualBlock(nn.Module):
     """PixelCNN's residual block (Pixel RNN paper, Figure 5): ``2h`` channels in and out,
     ``a + W_3 relu(conv_B(relu(W_1 relu(a))))`` with ``W_1: 2h -> h`` and ``W_3: h -> 2h``
-    ``1 x 1`` convs and ``conv_B`` a ``k x k`` mask-``B`` conv (``h -> h``)."""
+    ``1 x 1`` convs and ``conv_B`` a ``k x k`` mask-``B`` conv (``h -> h``). With
+    ``context_dim > 0`` the context bias ``V h`` is added to ``conv_B``'s output; ``bias``
+    (``[n, h]``, from :attr:`context`) is then an argument of ``forward`` and ``at``."""
 
-    def __init__(self, channels: int, kernel: int):
+    def __init__(self, channels: int, kernel: int, context_dim: int = 0):
         super().__init__()
         inner = max(1, channels // 2)
         self.reduce = Conv1x1(channels, inner)
         self.conv = MaskedConv2d.square(inner, inner, kernel, "B")
         self.expand = Conv1x1(inner, channels)
+        self.context = ContextBias(context_dim, inner) if context_dim else None
 
-    def forward(self, a: Tensor) -> Tensor:
-        t = self.conv(F.relu(self.reduce(F.relu(a))))
+    def forward(self, a: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+        t = add_bias(self.conv(F.relu(self.reduce(F.relu(a)))), bias)
         return a + self.expand(F.relu(t))
 
-    def at(self, cache: Tensor, a: Tensor, r: int, c: int) -> Tensor:
+    def at(self, cache: Tensor, a: Tensor, r: int, c: int, bias: Optional[Tensor] = None) -> Tensor:
         """The output ``[n, 2h]`` at ``(r, c)`` from its input ``a [n, 2h]`` there and the
         ``conv`` input ``cache`` (this call writes position ``(r, c)`` of it)."""
         self.conv.write(cache, r, c, F.relu(self.reduce.vector(F.relu(a))))
-        return a + self.expand.vector(F.relu(self.conv.at(cache, r, c)))
+        return a + self.expand.vector(F.relu(add_bias(self.conv.at(cache, r, c), bias)))
 
 
 class GatedBlock(nn.Module):
@@ -170,9 +201,14 @@ class GatedBlock(nn.Module):
     and to the left within reach: no blind spot (PixelCNN's masked ``k x k`` convs miss a
     wedge to the upper right). ``residual`` adds ``h`` to ``h_out`` (all layers but the
     first, whose input is the image).
+
+    Conditional layer (``context_dim > 0``; the paper's eq. 4, ``tanh(W_f * x + V_f h) *
+    sigmoid(W_g * x + V_g h)``): biases ``V_v h`` and ``V_h h`` (``[n, 2C]`` each, from
+    :attr:`context_v` and :attr:`context_h`) are added to ``v'`` and to ``h'``; ``biases`` is
+    then the pair ``(V_v h, V_h h)`` in ``forward``, ``vertical_row`` and ``horizontal_at``.
     """
 
-    def __init__(self, in_channels: int, channels: int, kernel: int, first: bool):
+    def __init__(self, in_channels: int, channels: int, kernel: int, first: bool, context_dim: int = 0):
         super().__init__()
         p = kernel // 2
         self.residual = not first
@@ -182,18 +218,24 @@ class GatedBlock(nn.Module):
         )
         self.link = Conv1x1(2 * channels, 2 * channels)
         self.out = Conv1x1(channels, channels)
+        self.context_v = ContextBias(context_dim, 2 * channels) if context_dim else None
+        self.context_h = ContextBias(context_dim, 2 * channels) if context_dim else None
 
-    def forward(self, v: Tensor, h: Tensor) -> Tuple[Tensor, Tensor]:
-        vp = self.vertical(v)
-        hp = self.horizontal(h) + self.link(shift_down(vp))
+    def context_biases(self, context: Optional[Tensor]) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """``(V_v h, V_h h)``, or ``(None, None)`` for an unconditional layer."""
+        return context_bias(self.context_v, context), context_bias(self.context_h, context)
+
+    def forward(self, v: Tensor, h: Tensor, biases=(None, None)) -> Tuple[Tensor, Tensor]:
+        vp = add_bias(self.vertical(v), biases[0])
+        hp = add_bias(self.horizontal(h) + self.link(shift_down(vp)), biases[1])
         h_out = self.out(gate(hp))
         return gate(vp), h_out + h if self.residual else h_out
 
-    def vertical_row(self, cache: Tensor, r: int) -> Tuple[Tensor, Tensor]:
+    def vertical_row(self, cache: Tensor, r: int, bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """``(v_out row, W_link v' row)``, each ``[n, ., W]``, of image row ``r`` from the
-        vertical ``cache`` (rows ``<= r`` written). The second is what the horizontal stack
-        of row ``r + 1`` adds (the shift)."""
-        vp = self.vertical.row(cache, r)
+        vertical ``cache`` (rows ``<= r`` written); ``bias``: ``V_v h``. The second is what the
+        horizontal stack of row ``r + 1`` adds (the shift)."""
+        vp = add_bias(self.vertical.row(cache, r), bias)
         link = F.conv2d(vp.unsqueeze(2), self.link.weight, self.link.bias)[:, :, 0]
         return gate(vp), link
 
@@ -201,12 +243,14 @@ class GatedBlock(nn.Module):
         """What row 0 of the horizontal stack gets from above: ``W_link 0``, the bias."""
         return self.link.bias[None, :, None].expand(n, -1, width)
 
-    def horizontal_at(self, cache: Tensor, link: Tensor, h: Tensor, r: int, c: int) -> Tensor:
+    def horizontal_at(
+        self, cache: Tensor, link: Tensor, h: Tensor, r: int, c: int, bias: Optional[Tensor] = None
+    ) -> Tensor:
         """``h_out [n, C]`` at ``(r, c)`` from the horizontal ``cache`` (positions before
         ``(r, c)`` in row ``r`` written, and ``(r, c)`` unless the layer is the first), the
         vertical contribution ``link [n, 2C]`` there, and ``h [n, .]``, the input at ``(r, c)``
-        (used by the residual only)."""
-        out = self.out.vector(gate(self.horizontal.at(cache, r, c) + link))
+        (used by the residual only); ``bias``: ``V_h h``."""
+        out = self.out.vector(gate(add_bias(self.horizontal.at(cache, r, c) + link, bias)))
         return out + h if self.residual else out
 
 

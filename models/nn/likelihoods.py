@@ -83,8 +83,9 @@ class IndependentBernoulli(dist.TorchDistribution):
 
 
 class Gaussian(Likelihood):
-    """Independent Gaussians: ``raw`` holds means, and log-scales when ``learn_scale``
-    (heteroscedastic decoder); otherwise one shared learned scale, or a fixed one."""
+    """Independent Gaussians: ``raw`` holds means, and raw scales when ``per_datapoint``
+    (heteroscedastic decoder); otherwise a learned scale, one shared by all dimensions or
+    one per dimension (``per_dim``), or a fixed one (``learn_scale=False``)."""
 
     def __init__(
         self,
@@ -93,12 +94,15 @@ class Gaussian(Likelihood):
         learn_scale: bool = True,
         per_datapoint: bool = False,
         min_scale: float = 1e-3,
+        per_dim: bool = False,
     ):
         super().__init__(event_shape)
         self.per_datapoint = per_datapoint
         self.params_per_dim = 2 if per_datapoint else 1
         self.min_scale = min_scale
         init = torch.tensor(float(scale if scale is not None else 1.0)).log()
+        if per_dim:
+            init = init.expand(self.event_shape)
         if learn_scale and not per_datapoint:
             self.log_scale = nn.Parameter(init.clone())
         else:
@@ -142,12 +146,29 @@ class _FloatCategorical(dist.Categorical):
         return super().sample(sample_shape).to(self.logits.dtype)
 
 
-def likelihood_for(spec: DataSpec, gaussian_scale: Optional[float] = None, learn_scale: bool = True) -> Likelihood:
-    """The natural likelihood for data of this spec."""
+GAUSSIAN_SCALES = ("shared", "per-pixel", "per-datapoint")
+
+
+def likelihood_for(
+    spec: DataSpec, gaussian_scale: Optional[float] = None, learn_scale: bool = True, scale_mode: str = "shared"
+) -> Likelihood:
+    """The natural likelihood for data of this spec. For real data, ``scale_mode`` says
+    which decoder scale is learned: one ``shared`` by all pixels, one ``per-pixel``, or one
+    ``per-datapoint`` (decoder outputs); ``learn_scale=False`` fixes it at ``gaussian_scale``."""
+    if scale_mode not in GAUSSIAN_SCALES:
+        raise DGMError(f"unknown decoder scale {scale_mode!r}; choose from {', '.join(GAUSSIAN_SCALES)}")
     if spec.support == "binary":
         return Bernoulli(spec.event_shape)
     if spec.support == "categorical":
         return Categorical(spec.event_shape, spec.num_levels)
     if spec.support == "real":
-        return Gaussian(spec.event_shape, scale=gaussian_scale, learn_scale=learn_scale)
+        if not learn_scale and scale_mode == "per-datapoint":
+            raise DGMError("a fixed decoder scale cannot be per-datapoint; use learn_scale=True or scale_mode=shared")
+        return Gaussian(
+            spec.event_shape,
+            scale=gaussian_scale,
+            learn_scale=learn_scale,
+            per_datapoint=scale_mode == "per-datapoint",
+            per_dim=scale_mode == "per-pixel",
+        )
     raise DGMError(f"no likelihood for support {spec.support!r}")

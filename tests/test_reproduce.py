@@ -1,0 +1,80 @@
+"""Every run of the latent-variable experiments goes through the pipeline: each spec is
+trained for a few steps on the embedded MNIST subset (instead of the full set), evaluated,
+summarised and tabulated, so a bad preset, objective or option fails here rather than an
+hour into ``dgm reproduce``."""
+
+import json
+import math
+from dataclasses import replace
+
+import pytest
+
+from experiments.reproduce import EXPERIMENTS, TINY
+from experiments.runs import compare, train_run
+from models import REGISTRY
+
+LATENT = ["mnist-vae2", "sbn", "m2", "mixtures", "iaf-guide", "flows-toy", "gaussian-vae"]
+
+
+def test_every_experiment_names_registered_models_and_presets():
+    for name, exp in EXPERIMENTS.items():
+        for run_name, spec in exp.runs:
+            cls = REGISTRY[spec.model]
+            assert spec.preset is None or spec.preset in cls.presets, (name, run_name)
+
+
+@pytest.mark.parametrize("name", LATENT)
+def test_latent_experiment_runs_end_to_end_on_the_embedded_subset(name, tmp_path, one_thread):
+    dirs = []
+    for run_name, spec in EXPERIMENTS[name].runs:
+        assert spec.data in ("mnist", "mnist-dequantized", "digits-dequantized", "moons", "rings", "checkerboard")
+        small = dict(TINY, eval_k=5)
+        data = {"mnist": "mnist-embedded", "mnist-dequantized": "digits-dequantized"}.get(spec.data, spec.data)
+        spec = replace(spec, data=data, train=replace(spec.train, device="cpu", **small))
+        summary = train_run(spec, tmp_path / run_name)
+        assert summary["steps"] == (1 if spec.objective == "em" else TINY["max_steps"])  # EM: 1 step per epoch
+        assert summary["test"]["n"] == TINY["eval_limit"]
+        dirs.append(tmp_path / run_name)
+        if spec.labelled is not None:
+            assert 0.0 <= summary["test"]["accuracy"] <= 1.0
+            assert json.loads((tmp_path / run_name / "config.json").read_text())["labelled"] == spec.labelled
+        if data == "digits-dequantized":  # bits/dim of the 17 levels, D = 64
+            d = 64
+            assert summary["test"]["bits_per_dim"] == pytest.approx(
+                (summary["test"]["nll"] + d * math.log(17)) / (d * math.log(2))
+            )
+        if data in ("moons", "rings", "checkerboard"):
+            assert (tmp_path / run_name / "density.png").exists()
+    table = compare(dirs)
+    assert all(d.name in table for d in dirs)
+
+
+def test_vqvae_experiment_fits_both_code_priors_and_tabulates_the_bounds(tmp_path, one_thread):
+    from experiments.reproduce import VQ_PRIORS, vqvae_report
+
+    [(run_name, spec)] = EXPERIMENTS["vqvae"].runs
+    spec = replace(spec, data="mnist-embedded", preset="small", train=replace(spec.train, device="cpu", **TINY))
+    train_run(spec, tmp_path / run_name)
+    table = vqvae_report([tmp_path / run_name], tiny=True)
+    rows = [ln for ln in table.splitlines() if ln.startswith(f"| {run_name} |")]
+    assert len(rows) == len(VQ_PRIORS)
+    for row, (prior, _, _) in zip(rows, VQ_PRIORS):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1].startswith(prior)
+        uniform, prior_nll, learned = float(cells[5].split()[0]), float(cells[6]), float(cells[7].split()[0])
+        recon = float(cells[3])
+        assert learned == pytest.approx(recon + prior_nll, abs=0.02)  # the bound is the sum of its two parts
+        assert uniform == pytest.approx(recon + 49 * math.log(8), abs=0.02)  # small preset: K = 8 codes
+
+
+def test_a_finished_run_is_reused_from_another_device_setting_but_not_with_another_lr(tmp_path, one_thread):
+    from experiments.runs import RunSpec
+    from inference.runner import TrainConfig
+    from models.base import DGMError
+
+    spec = RunSpec(model="vae", preset="small", data="digits", train=TrainConfig(device="cpu", **TINY))
+    first = train_run(spec, tmp_path / "run")
+    again = train_run(replace(spec, train=replace(spec.train, device="auto", progress=True)), tmp_path / "run")
+    assert again == first  # the finished run, not a new one
+    with pytest.raises(DGMError, match="different configuration"):
+        train_run(replace(spec, train=replace(spec.train, lr=0.5)), tmp_path / "run")
