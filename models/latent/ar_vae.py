@@ -46,6 +46,7 @@ from models.autoregressive.charrnn import CharRNN
 from models.autoregressive.gated_pixelcnn import GatedPixelCNN
 from models.autoregressive.pixelcnn import PixelCNN
 from models.base import DataSpec, DGMError, GenerativeModel
+from models.latent.gaussian import diagonal_normal, standard_normal
 from models.nn import MLP
 from models.nn.units import units_for
 
@@ -159,16 +160,16 @@ class ARVAE(GenerativeModel):
             raise DGMError(f"min_posterior_scale must be > 0, got {config.min_posterior_scale}")
         self.units = units_for(data_spec, "The autoregressive VAE")
         self.decoder = build_decoder(data_spec, config)
-        self.encoder = MLP(data_spec.dim * self.units.levels, config.encoder_hidden, 2 * config.latent_dim,
-                           config.activation)
+        self.encoder = MLP(
+            data_spec.dim * self.units.levels, config.encoder_hidden, 2 * config.latent_dim, config.activation
+        )
 
     def check_data(self, x: Tensor, what: str = "data") -> None:
         self.decoder.check_data(x, what)  # the data spec, and the END convention of strings
 
     # --- Pyro program -----------------------------------------------------------------
     def prior(self, like: Tensor) -> dist.TorchDistribution:
-        zeros = like.new_zeros(self.config.latent_dim)
-        return dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
+        return standard_normal(like, self.config.latent_dim)
 
     def likelihood(self, z: Tensor) -> ConditionalAutoregressiveDistribution:
         """``p(x | z)``, batch shape ``z.shape[:-1]``."""
@@ -182,9 +183,7 @@ class ARVAE(GenerativeModel):
     def posterior(self, x: Tensor) -> dist.TorchDistribution:
         """The encoder's ``q(z | x)``, a diagonal Gaussian with batch shape ``[B]``."""
         flat = self.units.features(x.reshape(x.shape[0], -1)).reshape(x.shape[0], -1)
-        loc, raw_scale = self.encoder(flat).chunk(2, dim=-1)
-        scale = nn.functional.softplus(raw_scale) + self.config.min_posterior_scale
-        return dist.Normal(loc, scale).to_event(1)
+        return diagonal_normal(self.encoder(flat), self.config.min_posterior_scale)
 
     def guide(self, x: Tensor, idx: Optional[Tensor] = None, size: Optional[int] = None):
         q = self.posterior(x)

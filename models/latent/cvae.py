@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from models.base import DataError, DataSpec, DGMError, GenerativeModel
+from models.latent.gaussian import diagonal_normal, standard_normal
 from models.nn import MLP, likelihood_for
 
 
@@ -119,16 +120,13 @@ class CVAE(GenerativeModel):
 
     # --- networks -------------------------------------------------------------------------
     def prior(self, like: Tensor) -> dist.TorchDistribution:
-        zeros = like.new_zeros(self.config.latent_dim)
-        return dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
+        return standard_normal(like, self.config.latent_dim)
 
     def posterior(self, x: Tensor, y: Tensor) -> dist.TorchDistribution:
         """``q(z | x, y)``, a diagonal Gaussian whose batch shape is that of ``y``
         broadcast against ``[B]``."""
         h = concat(x.reshape(x.shape[0], -1), self.one_hot(y))
-        loc, raw_scale = self.encoder(h).chunk(2, dim=-1)
-        scale = nn.functional.softplus(raw_scale) + self.config.min_posterior_scale
-        return dist.Normal(loc, scale).to_event(1)
+        return diagonal_normal(self.encoder(h), self.config.min_posterior_scale)
 
     def decode(self, z: Tensor, y: Tensor) -> Tensor:
         """The decoder's raw output (the likelihood's parameters) for latents and labels."""

@@ -27,9 +27,10 @@ from typing import Optional, Tuple
 import pyro
 import pyro.distributions as dist
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from models.base import DataSpec, DGMError, GenerativeModel
+from models.latent.gaussian import diagonal_normal, standard_normal
 from models.nn import MLP, likelihood_for
 
 
@@ -72,8 +73,7 @@ class VAE(GenerativeModel):
 
     # --- Pyro program -----------------------------------------------------------------
     def prior(self, like: Tensor) -> dist.TorchDistribution:
-        zeros = like.new_zeros(self.config.latent_dim)
-        return dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
+        return standard_normal(like, self.config.latent_dim)
 
     def model(self, x: Tensor, idx: Optional[Tensor] = None, size: Optional[int] = None):
         with self.data_plate(x, idx, size):
@@ -82,9 +82,7 @@ class VAE(GenerativeModel):
 
     def posterior(self, x: Tensor) -> dist.TorchDistribution:
         """The encoder's ``q(z | x)``, a diagonal Gaussian with batch shape ``[B]``."""
-        loc, raw_scale = self.encoder(x.reshape(x.shape[0], -1)).chunk(2, dim=-1)
-        scale = nn.functional.softplus(raw_scale) + self.config.min_posterior_scale
-        return dist.Normal(loc, scale).to_event(1)
+        return diagonal_normal(self.encoder(x.reshape(x.shape[0], -1)), self.config.min_posterior_scale)
 
     def guide(self, x: Tensor, idx: Optional[Tensor] = None, size: Optional[int] = None):
         q = self.posterior(x)
