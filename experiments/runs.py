@@ -91,6 +91,10 @@ def build(spec: RunSpec, run_dir: Optional[Path] = None) -> Tuple[Runner, Any]:
         data = replace(data, train_labels=kept, info={**data.info, "labelled": spec.labelled})
     torch.manual_seed(spec.train.seed)
     model = build_model(spec, data.spec)
+    if model.objectives is not None and spec.objective not in model.objectives:
+        raise DGMError(
+            f"{spec.model} trains correctly only with --objective {' or '.join(model.objectives)}, not {spec.objective}"
+        )
     if spec.labelled is not None and not model.accepts_unlabelled:
         raise DGMError(f"{spec.model} does not learn from unlabelled data; a label budget is for m2")
     schedule = make_schedule(spec.kl_warmup, spec.kl_beta0, spec.free_bits, spec.free_bits_per)

@@ -36,6 +36,10 @@ plain program. State updated outside the gradient (an EMA codebook) changes only
 (``train=False``) or only probes the program's structure. Models that call neither are
 trained exactly as before.
 
+Objectives. A model that only some objectives train correctly lists them in ``objectives``
+(VQ-VAE: ``elbo`` and ``iwae``, which keep its straight-through gradient and collect its
+commitment loss); ``dgm`` refuses the others with a one-line error. ``None``: any objective.
+
 Models hold no training code. Their parameters are plain ``nn.Module`` parameters: the
 runner optimises ``module.parameters()`` directly, and ``svi_pair()`` wraps the pair
 for ``pyro.infer.SVI``, which finds parameters through Pyro's param store.
@@ -159,6 +163,7 @@ class GenerativeModel(nn.Module):
     presets: ClassVar[dict] = {}  # name -> config_class instance
     uses_labels: ClassVar[bool] = False  # model/guide take the keyword y (class labels)
     accepts_unlabelled: ClassVar[bool] = False  # y may mark unlabelled rows with -1 (semi-supervised)
+    objectives: ClassVar[Optional[Tuple[str, ...]]] = None  # the objectives that train it correctly (None: all)
 
     def __init__(self, data_spec: DataSpec) -> None:
         super().__init__()

@@ -335,3 +335,12 @@ def test_code_prior_dataset_and_bound(tmp_path):
     args = ["fit-prior", str(run), "--prior", "pixelcnn", "--preset", "small", "--epochs", "1", "--max-steps", "5"]
     assert main(args + ["--no-progress"]) == 0  # the same configuration: resumes the finished prior
     assert main(["fit-prior", str(tmp_path / "nowhere")]) == 2  # one line, no traceback
+
+
+def test_objectives_that_would_drop_the_straight_through_gradient_or_the_commitment_are_refused():
+    from experiments.runs import build
+
+    for objective in ("elbo-sf", "elbo-enum", "em"):
+        spec = RunSpec(model="vqvae", preset="small", data="mnist-embedded", objective=objective)
+        with pytest.raises(DGMError, match="trains correctly only with --objective elbo or iwae"):
+            build(spec)

@@ -122,6 +122,10 @@ def _decoder(cfg: VQVAEConfig, out_channels: int) -> nn.Sequential:
 class VQVAE(GenerativeModel):
     """VQ-VAE with a uniform prior over code grids; see the module docstring."""
 
+    # the straight-through gradient needs the pathwise estimator (elbo-sf detaches the guide's
+    # sample) and the commitment loss needs an objective that collects auxiliary losses
+    objectives = ("elbo", "iwae")
+
     name = "vqvae"
     config_class = VQVAEConfig
     presets = PRESETS
