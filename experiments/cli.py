@@ -167,7 +167,7 @@ def cmd_list(a) -> None:
 
     print("models:")
     for name, cls in sorted(REGISTRY.items()):
-        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        doc = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())  # the first paragraph
         presets = f" (presets: {', '.join(sorted(cls.presets))})" if cls.presets else ""
         print(f"  {name:12s} {doc}{presets}")
     print("datasets:")
