@@ -85,6 +85,23 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--flow-depth", type=int, default=2, help="flow guides: number of flow steps")
     p.add_argument("--flow-hidden", type=int, default=None, help="flow guides: hidden width")
+    _add_loop_args(p)
+    p.add_argument("--eval-estimator", default="auto", choices=["auto", "exact", "naive", "is"])
+    p.add_argument("--eval-k", type=int, default=d.eval_k, help="samples per test point for log p(x)")
+    p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N test points")
+    p.add_argument(
+        "--run-dir",
+        type=Path,
+        default=None,
+        help="run directory (default runs/<model>-<data>-<objective>...); an existing one resumes",
+    )
+
+
+def _add_loop_args(p: argparse.ArgumentParser) -> None:
+    """The options of the training loop (``TrainConfig``), shared by ``train`` and ``fit-prior``."""
+    from inference.runner import TrainConfig
+
+    d = TrainConfig()
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
@@ -99,23 +116,14 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         default=d.checkpoint_seconds,
         help="checkpoint at least this often (and at every epoch end)",
     )
-    p.add_argument("--eval-estimator", default="auto", choices=["auto", "exact", "naive", "is"])
-    p.add_argument("--eval-k", type=int, default=d.eval_k, help="samples per test point for log p(x)")
-    p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N test points")
-    p.add_argument(
-        "--run-dir",
-        type=Path,
-        default=None,
-        help="run directory (default runs/<model>-<data>-<objective>...); an existing one resumes",
-    )
     p.add_argument("--no-progress", action="store_true")
 
 
-def _spec_from_args(a: argparse.Namespace):
-    from experiments.runs import RunSpec
+def _train_config(a: argparse.Namespace, **evaluation):
+    """``TrainConfig`` from the loop options of ``_add_loop_args`` (plus evaluation settings)."""
     from inference.runner import TrainConfig
 
-    train = TrainConfig(
+    return TrainConfig(
         epochs=a.epochs,
         batch_size=a.batch_size,
         lr=a.lr,
@@ -125,11 +133,15 @@ def _spec_from_args(a: argparse.Namespace):
         max_steps=a.max_steps,
         log_every=a.log_every,
         checkpoint_seconds=a.checkpoint_seconds,
-        eval_estimator=a.eval_estimator,
-        eval_k=a.eval_k,
-        eval_limit=a.eval_limit,
         progress=not a.no_progress,
+        **evaluation,
     )
+
+
+def _spec_from_args(a: argparse.Namespace):
+    from experiments.runs import RunSpec
+
+    train = _train_config(a, eval_estimator=a.eval_estimator, eval_k=a.eval_k, eval_limit=a.eval_limit)
     return RunSpec(
         model=a.model,
         preset=a.preset,
@@ -292,9 +304,11 @@ def cmd_density(a) -> None:
 
 
 def cmd_fit_prior(a) -> None:
-    from experiments.code_prior import run_from_args
+    from experiments.code_prior import fit_prior
 
-    print(json.dumps(run_from_args(a), indent=2, default=str))
+    options = dict(parse_option(o) for o in a.opt)
+    summary = fit_prior(a.run, prior=a.prior, preset=a.preset, options=options, train=_train_config(a))
+    print(json.dumps(summary, indent=2, default=str))
 
 
 def cmd_compare(a) -> None:
@@ -367,10 +381,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="PNG path (default RUN/density.png)")
     p.add_argument("--split", default="train", choices=["train", "val", "test"], help="data drawn under it")
     p.set_defaults(fn=cmd_density)
-    from experiments.code_prior import add_arguments as add_prior_arguments
+    from experiments.code_prior import PRIORS
 
     p = sub.add_parser("fit-prior", help="stage 2 of a vqvae run: fit a PixelCNN prior over its codes")
-    add_prior_arguments(p)
+    p.add_argument("run", type=Path, help="a finished vqvae run directory")
+    p.add_argument("--prior", default="pixelcnn", choices=PRIORS)
+    p.add_argument("--preset", default=None, help="preset of the prior model (e.g. small, cpu)")
+    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="override one prior option")
+    _add_loop_args(p)
     p.set_defaults(fn=cmd_fit_prior)
     p = sub.add_parser("compare", help="a table of finished runs")
     p.add_argument("runs", type=Path, nargs="+")

@@ -24,10 +24,9 @@ running the same command again resumes it, another configuration is refused.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -177,39 +176,3 @@ def _check_config(prior_dir: Path, config: dict) -> None:
         raise DGMError(f"{prior_dir} holds a prior fitted with another configuration; delete it to refit")
     prior_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(as_json, indent=2) + "\n")
-
-
-# --- command line -------------------------------------------------------------------------
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The arguments of ``dgm fit-prior`` (see :func:`run_from_args`)."""
-    d = TrainConfig()
-    p.add_argument("run", type=Path, help="a finished vqvae run directory")
-    p.add_argument("--prior", default="pixelcnn", choices=PRIORS)
-    p.add_argument("--preset", default=None, help="preset of the prior model (e.g. small, cpu)")
-    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="override one prior option")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--patience", type=int, default=None)
-    p.add_argument("--no-progress", action="store_true")
-
-
-def run_from_args(a: argparse.Namespace) -> Dict:
-    from experiments.cli import parse_option
-
-    train = replace(
-        TrainConfig(),
-        epochs=a.epochs,
-        batch_size=a.batch_size,
-        lr=a.lr,
-        seed=a.seed,
-        device=a.device,
-        max_steps=a.max_steps,
-        patience=a.patience,
-        progress=not a.no_progress,
-    )
-    options = dict(parse_option(o) for o in a.opt)
-    return fit_prior(a.run, prior=a.prior, preset=a.preset, options=options, train=train)
