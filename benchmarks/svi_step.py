@@ -171,7 +171,7 @@ def raw_step(loss_fn: Callable[[Tensor, Tensor], Tensor], opt: torch.optim.Optim
 
 def ours_step(objective: LogWeightObjective, model: VAE, opt: torch.optim.Optimizer, data: Batches, n: int):
     """The runner's training step (``inference.runner.Runner.fit``), without its metric sums."""
-    guide, _ = build_guide("amortized", model, data.batches[0][0])
+    guide = build_guide("amortized", model, data.batches[0][0])
 
     def step():
         x, idx = data.next()

@@ -17,78 +17,39 @@ Errors a user can fix are printed as one line (``dgm: error: ...``), not a trace
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import math
 import sys
 from pathlib import Path
 from typing import List, Optional
 
+from experiments.config import add_flags, config_from_args, read_config
 from experiments.latent_tools import WHAT as LATENT_VIEWS
-from inference.guides import GUIDES
-from inference.objectives import OBJECTIVES
 from models.base import DGMError
 
 DEFAULT_RUNS = Path("runs")
 
 
-def parse_option(text: str):
-    if "=" not in text:
-        raise DGMError(f"--opt expects key=value, got {text!r}")
-    key, value = text.split("=", 1)
-    try:
-        parsed = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        parsed = value
-    if isinstance(parsed, list):
-        parsed = tuple(parsed)
-    return key, parsed
+def _registry_choices() -> dict:
+    """The flags whose values a registry lists."""
+    from experiments.data import DATASETS
+    from inference import ESTIMATORS, GUIDES, OBJECTIVES
+    from models import MODELS
+
+    return {
+        "model": MODELS.names(),
+        "data": DATASETS.names(),
+        "objective": OBJECTIVES.names(),
+        "guide": GUIDES.names(),
+        "eval_estimator": ["auto"] + ESTIMATORS.names(),
+    }
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    from inference.runner import TrainConfig
-
-    d = TrainConfig()
-    p.add_argument("model", help="model name (see `dgm list`)")
-    p.add_argument("--data", default="mnist-embedded", help="dataset name (see `dgm list`)")
-    p.add_argument("--binarization", default="dynamic", choices=["dynamic", "static", "none"])
-    p.add_argument("--split", default="59600/400", choices=["59600/400", "50000/10000"])
-    p.add_argument("--preset", default=None, help="named model configuration (see `dgm list`)")
-    p.add_argument(
-        "--opt",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one model option, e.g. --opt latent_dim=20 (repeatable)",
-    )
-    p.add_argument("--objective", default="elbo", choices=list(OBJECTIVES))
-    p.add_argument("--k", type=int, default=1, help="samples per datapoint in the objective")
-    p.add_argument("--analytic-kl", action="store_true", help="closed-form KL in the ELBO where available")
-    p.add_argument(
-        "--baseline",
-        default="average",
-        choices=["none", "average", "neural"],
-        help="baseline of the score-function ELBO",
-    )
-    p.add_argument("--kl-warmup", type=int, default=0, help="KL annealing: steps to warm beta up to 1 (0: off)")
-    p.add_argument("--kl-beta0", type=float, default=0.0, help="KL annealing: beta at step 0")
-    p.add_argument("--free-bits", type=float, default=0.0, help="free bits: nats floor per latent group (0: off)")
-    p.add_argument("--free-bits-per", default="site", choices=["site", "dimension"], help="free bits groups")
-    p.add_argument(
-        "--guide",
-        default="amortized",
-        choices=list(GUIDES),
-        help="amortized encoder, local (per-datapoint) parameters, or the encoder pushed through a flow",
-    )
-    p.add_argument(
-        "--labelled", type=int, default=None, help="semi-supervised (m2): keep N training labels, class-balanced"
-    )
-    p.add_argument("--flow-depth", type=int, default=2, help="flow guides: number of flow steps")
-    p.add_argument("--flow-hidden", type=int, default=None, help="flow guides: hidden width")
-    _add_loop_args(p)
-    p.add_argument("--eval-estimator", default="auto", choices=["auto", "exact", "naive", "is"])
-    p.add_argument("--eval-k", type=int, default=d.eval_k, help="samples per test point for log p(x)")
-    p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N test points")
+    p.add_argument("model", nargs="?", default=None, help="model name (see `dgm list`); optional with --config")
+    p.add_argument("--config", type=Path, default=None, help="start from a run's config.json (flags change it)")
+    add_flags(p, choices=_registry_choices())
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
         "--run-dir",
         type=Path,
@@ -98,114 +59,80 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_loop_args(p: argparse.ArgumentParser) -> None:
-    """The options of the training loop (``TrainConfig``), shared by ``train`` and ``fit-prior``."""
-    from inference.runner import TrainConfig
-
-    d = TrainConfig()
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=d.device, help="auto, cpu or cuda")
-    p.add_argument("--patience", type=int, default=None, help="early stopping after this many bad epochs")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    p.add_argument("--log-every", type=int, default=d.log_every)
-    p.add_argument(
-        "--checkpoint-seconds",
-        type=float,
-        default=d.checkpoint_seconds,
-        help="checkpoint at least this often (and at every epoch end)",
-    )
-    p.add_argument("--no-progress", action="store_true")
+    """The options of the training loop (``TrainConfig``), as ``fit-prior`` takes them."""
+    add_flags(p, sections=("train",))
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _train_config(a: argparse.Namespace, **evaluation):
-    """``TrainConfig`` from the loop options of ``_add_loop_args`` (plus evaluation settings)."""
-    from inference.runner import TrainConfig
+def _train_config(a: argparse.Namespace):
+    """``TrainConfig`` from the flags of ``_add_loop_args``."""
+    config = config_from_args(a).train
+    config.check()
+    return config
 
-    return TrainConfig(
-        epochs=a.epochs,
-        batch_size=a.batch_size,
-        lr=a.lr,
-        seed=a.seed,
-        device=a.device,
-        patience=a.patience,
-        max_steps=a.max_steps,
-        log_every=a.log_every,
-        checkpoint_seconds=a.checkpoint_seconds,
-        progress=not a.no_progress,
-        **evaluation,
+
+def _config_from_args(a: argparse.Namespace):
+    base = read_config(a.config) if a.config is not None else None
+    config = config_from_args(a, base)
+    if a.model is not None:
+        config.model.name = a.model
+    elif base is None:
+        raise DGMError("name a model (`dgm train MODEL ...`, see `dgm list`) or give --config RUN/config.json")
+    config.check()
+    return config
+
+
+def default_run_dir(config) -> Path:
+    o = config.objective
+    k = f"{o.k}" if o.k > 1 or o.name == "iwae" else ""
+    preset = f"-{config.model.preset}" if config.model.preset else ""
+    return DEFAULT_RUNS / (
+        f"{config.model.name}{preset}-{config.data.name}-{o.name}{k}-{config.guide.name}-s{config.train.seed}"
     )
 
 
-def _spec_from_args(a: argparse.Namespace):
-    from experiments.runs import RunSpec
-
-    train = _train_config(a, eval_estimator=a.eval_estimator, eval_k=a.eval_k, eval_limit=a.eval_limit)
-    return RunSpec(
-        model=a.model,
-        preset=a.preset,
-        options=dict(parse_option(o) for o in a.opt),
-        data=a.data,
-        binarization=a.binarization,
-        split=a.split,
-        objective=a.objective,
-        k=a.k,
-        analytic_kl=a.analytic_kl,
-        baseline=a.baseline,
-        kl_warmup=a.kl_warmup,
-        kl_beta0=a.kl_beta0,
-        free_bits=a.free_bits,
-        free_bits_per=a.free_bits_per,
-        guide=a.guide,
-        flow_depth=a.flow_depth,
-        flow_hidden=a.flow_hidden,
-        labelled=a.labelled,
-        train=train,
-    )
-
-
-def default_run_dir(spec) -> Path:
-    k = f"{spec.k}" if spec.k > 1 or spec.objective == "iwae" else ""
-    preset = f"-{spec.preset}" if spec.preset else ""
-    return DEFAULT_RUNS / f"{spec.model}{preset}-{spec.data}-{spec.objective}{k}-{spec.guide}-s{spec.train.seed}"
+def _print_table(title: str, rows) -> None:
+    print(f"{title}:")
+    width = max((len(name) for name, _ in rows), default=0) + 2
+    for name, doc in rows:
+        print(f"  {name:{width}s}{doc}")
 
 
 def cmd_list(a) -> None:
     from experiments.data import DATASETS
     from experiments.reproduce import EXPERIMENTS
-    from inference.estimators import METHODS
-    from models import REGISTRY
+    from inference import ESTIMATORS, GUIDES, OBJECTIVES
+    from models import MODELS
 
-    print("models:")
-    for name, cls in sorted(REGISTRY.items()):
-        doc = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())  # the first paragraph
-        presets = f" (presets: {', '.join(sorted(cls.presets))})" if cls.presets else ""
-        print(f"  {name:12s} {doc}{presets}")
-    print("datasets:")
-    for name, doc in DATASETS.items():
-        print(f"  {name:14s} {doc}")
-    print("objectives:")
-    for name, doc in OBJECTIVES.items():
-        print(f"  {name:12s} {doc}")
-    print(f"guides:      {', '.join(GUIDES)}")
-    print(f"estimators:  {', '.join(METHODS)}")
-    print("experiments (dgm reproduce NAME):")
-    for name, exp in EXPERIMENTS.items():
-        print(f"  {name:12s} {exp.description}")
+    models = []
+    for entry in MODELS.entries():
+        presets = entry.factory.presets
+        models.append(
+            (entry.name, entry.description + (f" (presets: {', '.join(sorted(presets))})" if presets else ""))
+        )
+    _print_table("models", models)
+    _print_table("datasets", DATASETS.describe())
+    _print_table("objectives (--objective)", OBJECTIVES.describe())
+    _print_table("guides (--guide)", GUIDES.describe())
+    estimators = []
+    for entry in ESTIMATORS.entries():
+        settings = ", ".join(f"--{s.replace('_', '-')}" for s in entry.factory.settings)
+        estimators.append((entry.name, entry.description + (f" [settings: {settings}]" if settings else "")))
+    _print_table("estimators (--estimator)", estimators)
+    _print_table("experiments (dgm reproduce NAME)", EXPERIMENTS.describe())
 
 
 def cmd_train(a) -> None:
-    from experiments.runs import format_number, train_run
+    from experiments.runs import describe_estimator, format_number, train_run
 
-    spec = _spec_from_args(a)
-    run_dir = a.run_dir or default_run_dir(spec)
-    summary = train_run(spec, run_dir)
+    config = _config_from_args(a)
+    run_dir = a.run_dir or default_run_dir(config)
+    summary = train_run(config, run_dir)
     t = summary["test"]
     print(f"run: {run_dir}")
     print(
         f"test NLL {format_number(t['nll'], '.2f')} ± {format_number(t['nll_stderr'], '.2f')} nats "
-        f"({t['estimator']}, K={t['K']}, n={t['n']})"
+        f"({describe_estimator(t)}, n={t['n']})"
         + (f", test ELBO {t['elbo']:.2f}" if t.get("elbo") is not None and t["elbo"] == t["elbo"] else "")
     )
 
@@ -218,49 +145,37 @@ def cmd_eval(a) -> None:
 
 
 def cmd_sample(a) -> None:
-    import torch
-
-    from experiments.plots import save_samples
     from experiments.runs import load_run
-    from inference.runner import eval_mode
 
-    _, runner, data = load_run(a.run)
+    if a.n < 1:
+        raise DGMError(f"--n must be >= 1, got {a.n}")
+    run = load_run(a.run)
     if a.condition_on is not None:
         from experiments.plots import save_completions
 
         out = a.out or Path(a.run) / f"completions-{a.condition_on}.png"
-        save_completions(runner.model, data.spec, data.test[: a.images], out, a.condition_on, per_image=a.per_image)
-    elif data.name == "speech":  # audio: a WAV file
-        from experiments.speech import write_wav
-
-        out = a.out or Path(a.run) / "samples.wav"
-        with eval_mode(runner.model), torch.no_grad():
-            write_wav(out, runner.model.sample(1).reshape(-1).cpu(), data.spec.num_levels, data.info["rate"])
-    elif "alphabet" in data.info:  # strings (names): text, not pictures
-        from experiments.plots import save_text_samples
-
-        out = a.out or Path(a.run) / "samples.txt"
-        save_text_samples(runner.model, data.info["alphabet"], out, n=a.n)
-        print(out.read_text(), end="")
+        written = save_completions(
+            run.model, run.data.spec, run.data.test[: a.images], out, a.condition_on, per_image=a.per_image
+        )
     else:
-        out = a.out or Path(a.run) / "samples.png"
-        save_samples(runner.model, data.spec, out, n=a.n)
-    print(f"wrote {out}")
+        written = run.data.samples.write(run.model, a.out, Path(a.run), n=a.n, title=run.config.describe())
+    print(f"wrote {written}")
 
 
 def _score_data(run: Path, name: Optional[str], split: str):
     """The tensor ``dgm score`` scores: a dataset's split (the run's own dataset by
     default), or an OOD set made from the run's own test data (``ood:NAME``)."""
-    from experiments import data as datasets
-    from experiments.runs import RunSpec
+    from dataclasses import replace
 
-    spec = RunSpec.from_json(json.loads((Path(run) / "config.json").read_text()))
-    options = dict(binarization=spec.binarization, split=spec.split, seed=spec.train.seed)
+    from experiments.runs import load_data
+
+    config = read_config(Path(run) / "config.json")
     if name is not None and name.startswith("ood:"):
         from experiments.anomaly import ood_set
 
-        return ood_set(name[4:], datasets.load(spec.data, **options).test)
-    return getattr(datasets.load(name or spec.data, **options), split)
+        return ood_set(name[4:], load_data(config.data, config.train.seed).test)
+    own = replace(config.data, name=name or config.data.name, labelled=None)
+    return getattr(load_data(own, config.train.seed), split)
 
 
 def cmd_score(a) -> None:
@@ -305,6 +220,7 @@ def cmd_density(a) -> None:
 
 def cmd_fit_prior(a) -> None:
     from experiments.code_prior import fit_prior
+    from experiments.config import parse_option
 
     options = dict(parse_option(o) for o in a.opt)
     summary = fit_prior(a.run, prior=a.prior, preset=a.preset, options=options, train=_train_config(a))
@@ -334,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("eval", help="estimate log p(x) of a trained run")
     p.add_argument("run", type=Path)
-    p.add_argument("--estimator", default="auto", choices=["auto", "exact", "naive", "is"])
+    p.add_argument("--estimator", default="auto", choices=_registry_choices()["eval_estimator"])
     p.add_argument("--k", type=int, default=1000)
     p.add_argument("--limit", type=int, default=None, help="first N datapoints only")
     p.add_argument("--split", default="test", choices=["test", "val"])
@@ -360,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="dataset name (default: the run's), or ood:noise|ood:inverted|ood:rotated|ood:digits-upsampled",
     )
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--estimator", default="auto", choices=["auto", "exact", "naive", "is"])
+    p.add_argument("--estimator", default="auto", choices=_registry_choices()["eval_estimator"])
     p.add_argument("--k", type=int, default=1000, help="importance samples per datapoint (latent models)")
     p.add_argument("--limit", type=int, default=None, help="first N datapoints only")
     p.add_argument("--out", type=Path, default=None, help="CSV path (default RUN/scores-DATA-SPLIT.csv)")
@@ -408,6 +324,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.fn(args)
     except DGMError as e:
         print(f"dgm: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path the user gave cannot be written or read
+        where = f" {e.filename}" if e.filename else ""
+        print(f"dgm: error: {e.strerror or e}:{where}; choose another path", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dgm: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)

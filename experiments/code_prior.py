@@ -33,11 +33,13 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor, nn
 
+from experiments.config import ModelConfig
 from experiments.data import Dataset
 from experiments.plots import save_samples
-from experiments.runs import RunSpec, build_model, load_run
+from experiments.runs import build_model, load_run
+from inference.device import eval_mode
 from inference.objectives import ELBO
-from inference.runner import Runner, TrainConfig, eval_mode
+from inference.runner import Runner, TrainConfig
 from models.base import DataSpec, DGMError, GenerativeModel
 from models.latent.vqvae import VQVAE
 from models.nn.quantize import perplexity
@@ -126,12 +128,14 @@ def fit_prior(
     attempt), write ``RUN/prior-.../summary.json`` and ``samples.png``, return the summary."""
     if prior not in PRIORS:
         raise DGMError(f"unknown code prior {prior!r}; choose from {', '.join(PRIORS)}")
-    spec, vq_runner, data = load_run(run_dir)
-    vqvae = vq_runner.model
+    run = load_run(run_dir)
+    vqvae, data = run.model, run.data
     if not isinstance(vqvae, VQVAE):
-        raise DGMError(f"{run_dir} is a {spec.model} run; a code prior needs a vqvae run (dgm train vqvae ...)")
+        raise DGMError(
+            f"{run_dir} is a {run.config.model.name} run; a code prior needs a vqvae run (dgm train vqvae ...)"
+        )
     train = train or TrainConfig()
-    prior_spec = RunSpec(model=prior, preset=preset, options=dict(options or {}), data=f"codes[{spec.data}]")
+    prior_spec = ModelConfig(prior, preset, dict(options or {}))
     prior_dir = Path(run_dir) / f"prior-{prior}{'-' + preset if preset else ''}"
     shown = {k: v for k, v in asdict(train).items() if k not in ("progress", "log_every", "checkpoint_seconds")}
     config = {"prior": prior, "preset": preset, "options": prior_spec.options, "code_seed": seed, "train": shown}

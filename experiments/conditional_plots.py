@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from experiments.plots import image_grid
-from inference.runner import eval_mode
+from inference.device import eval_mode
 from models.base import DGMError
 from models.latent.cvae import CVAE
 

@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from inference.runner import eval_mode  # noqa: E402
+from inference.device import eval_mode  # noqa: E402
 from models.base import DGMError, GenerativeModel  # noqa: E402
 
 Bounds = Tuple[float, float, float, float]  # x_min, x_max, y_min, y_max
@@ -103,13 +103,12 @@ def plot_run(run_dir, path=None, split: str = "train", max_points: int = 20_000)
     written to ``run_dir/density.png`` unless ``path`` is given."""
     from experiments.runs import load_run
 
-    spec, runner, data = load_run(Path(run_dir))
-    if runner.model.data_spec.dim != 2 or not runner.model.has_exact_log_prob:
+    run = load_run(Path(run_dir))
+    if run.model.data_spec.dim != 2 or not run.model.has_exact_log_prob:
         raise DGMError(
-            f"{run_dir} is a {spec.model} run on {spec.data} ({runner.model.data_spec.dim}-D): density plots need "
+            f"{run_dir} is a {run.config.describe()} run ({run.model.data_spec.dim}-D): density plots need "
             "2-D data and a model with exact log p(x) (flows, Gaussian mixtures); use `dgm sample` instead"
         )
-    x = getattr(data, split)[:max_points]
+    x = getattr(run.data, split)[:max_points]
     out = Path(path) if path is not None else Path(run_dir) / "density.png"
-    title = f"{spec.model}" + (f"[{spec.preset}]" if spec.preset else "") + f" on {spec.data}"
-    return save_density_plot(runner.model, out, data=x.cpu(), title=title)
+    return save_density_plot(run.model, out, data=x.cpu(), title=run.config.describe())

@@ -34,7 +34,7 @@ from torch import Tensor  # noqa: E402
 from torch.distributions import Categorical, Independent  # noqa: E402
 
 from experiments.plots import image_grid  # noqa: E402
-from inference.runner import eval_mode  # noqa: E402
+from inference.device import eval_mode  # noqa: E402
 from models.base import DataSpec, DGMError, GenerativeModel  # noqa: E402
 
 Latents = Dict[str, Tensor]
@@ -239,12 +239,15 @@ def run_latent(run_dir: Path, what: str, out: Optional[Path] = None, n: int = 10
 
     if what not in WHAT:
         raise DGMError(f"unknown --what {what!r}; choose from {', '.join(WHAT)}")
-    spec, runner, data = load_run(run_dir)
-    if spec.guide == "local":
-        raise DGMError(f"{run_dir} has a local guide, which cannot encode new data; train with --guide amortized")
+    run = load_run(run_dir)
+    if run.guide.refit_on_new_data:
+        raise DGMError(
+            f"{run_dir} has a {run.guide.describe()} guide, which cannot encode new data; train with --guide amortized"
+        )
     out = Path(out) if out is not None else Path(run_dir) / f"latent-{what}.png"
-    x = data.test.to(runner.device)
-    model, guide = runner.model, runner.guide
+    data = run.data
+    x = data.test.to(run.device)
+    model, guide = run.model, run.guide
     if what in ("analogies", "style"):  # class-conditional models: fix z, vary y
         from experiments.conditional_plots import save_analogies, save_style_grid
 
@@ -253,7 +256,7 @@ def run_latent(run_dir: Path, what: str, out: Optional[Path] = None, n: int = 10
         return save_analogies(model, out, x, data.test_labels, n=kwargs.get("images", 8))
     if model.uses_labels:
         raise DGMError(
-            f"{spec.model} is class-conditional: its latent space is explored with --what analogies or style"
+            f"{run.config.model.name} is class-conditional: its latent space is explored with --what analogies or style"
         )
     if what == "project":
         labels = None if data.test_labels is None else data.test_labels[:n]

@@ -77,7 +77,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     digest = write_npz(args.out, build_subset(args.mnist_dir))
     size = Path(args.out).stat().st_size
     print(f"wrote {args.out}: {size} bytes, sha256 {digest}")
-    print("update EMBEDDED_SHA256 in experiments/data.py and experiments/assets/README.md if it changed")
+    print("update EMBEDDED_SHA256 in experiments/data/mnist.py and experiments/assets/README.md if it changed")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from experiments.data import Dataset
+from experiments.reporting import NatsPerChar, TextSamples
 from models.base import DataError, DataSpec
 
 END = 0
@@ -110,4 +111,11 @@ def load_names() -> Dataset:
         "binarization": "none (character tokens)",
     }
     spec = DataSpec((length,), "categorical", num_levels=len(alphabet) + 1)
-    return Dataset("names", spec, **{part: tokens[i] for part, i in parts.items()}, info=info)
+    return Dataset(
+        "names",
+        spec,
+        **{part: tokens[i] for part, i in parts.items()},
+        info=info,
+        samples=TextSamples(alphabet),
+        measures=(NatsPerChar(),),
+    )

@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from inference.runner import eval_mode  # noqa: E402
+from inference.device import eval_mode  # noqa: E402
 from models.base import DataSpec, DGMError  # noqa: E402
 
 
@@ -29,7 +29,10 @@ def image_grid(x: torch.Tensor, image_shape, nrow: int) -> torch.Tensor:
 
 
 def save_samples(model, spec: DataSpec, path: Path, n: int = 64) -> Path:
-    """Draw ``n`` samples from ``model`` and save them as a PNG."""
+    """Draw ``n`` samples from ``model`` and save them as a PNG (``.png`` is added to a
+    path without a suffix); returns the path written."""
+    path = Path(path)
+    path = path if path.suffix else path.with_name(path.name + ".png")
     with eval_mode(model), torch.no_grad():
         x = model.sample(n).detach().float().cpu()
     fig = plt.figure(figsize=(6, 6), dpi=100)

@@ -16,14 +16,14 @@ experiment (resuming any that were interrupted), evaluates them and writes
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
-from experiments.runs import RunSpec, compare, train_run
-from inference.runner import TrainConfig
-from models.base import DGMError
+from experiments.config import RunConfig, read_config
+from experiments.runs import compare, train_run
+from inference.config import TrainConfig
+from models.registry import Registry
 
 
 @dataclass
@@ -33,7 +33,7 @@ class Experiment:
     run directories into more Markdown after the standard table."""
 
     description: str
-    runs: List[Tuple[str, RunSpec]]
+    runs: List[Tuple[str, RunConfig]]
     notes: str
     shares: Optional[str] = None
     report: Optional[Callable[[List[Path], bool], str]] = None
@@ -46,9 +46,8 @@ def anomaly_report(run_dirs: List[Path], tiny: bool = False) -> str:
     """ROC AUC of MNIST test images against each OOD set, scored by each run's log p(x)."""
     import torch
 
-    from experiments import data as datasets
     from experiments.anomaly import OOD_SETS, ood_set, roc_auc
-    from experiments.runs import RunSpec, score_run
+    from experiments.runs import load_data, score_run
 
     n = 50 if tiny else ANOMALY_N
     lines = [
@@ -56,8 +55,8 @@ def anomaly_report(run_dirs: List[Path], tiny: bool = False) -> str:
         "|---|---|" + "---|" * len(OOD_SETS),
     ]
     for d in run_dirs:
-        spec = RunSpec.from_json(json.loads((Path(d) / "config.json").read_text()))
-        test = datasets.load(spec.data, binarization=spec.binarization, split=spec.split, seed=spec.train.seed).test
+        config = read_config(Path(d) / "config.json")
+        test = load_data(config.data, config.train.seed).test
         test = test[:n]
         inside = score_run(d, test, progress=False).log_px
         aucs = []
@@ -98,26 +97,33 @@ def vqvae_report(run_dirs: List[Path], tiny: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _vae(data: str, objective: str, k: int, epochs: int, eval_k: int, **train) -> RunSpec:
-    return RunSpec(
+def _vae(data: str, objective: str, k: int, epochs: int, eval_k: int, **train) -> RunConfig:
+    return RunConfig.from_flat(
         model="vae",
         preset="iwae-1layer",
         data=data,
         binarization="dynamic",
         objective=objective,
         k=k,
-        train=TrainConfig(epochs=epochs, batch_size=100, lr=1e-3, eval_k=eval_k, **train),
+        epochs=epochs,
+        batch_size=100,
+        lr=1e-3,
+        eval_k=eval_k,
+        **train,
     )
 
 
-def _ar(model: str, preset: Optional[str], epochs: int, **train) -> RunSpec:
+def _ar(model: str, preset: Optional[str], epochs: int, **train) -> RunConfig:
     """A fully observed model on dynamically binarized MNIST; test NLL is exact."""
-    return RunSpec(
+    return RunConfig.from_flat(
         model=model,
         preset=preset,
         data="mnist",
         binarization="dynamic",
-        train=TrainConfig(epochs=epochs, batch_size=100, lr=1e-3, **train),
+        epochs=epochs,
+        batch_size=100,
+        lr=1e-3,
+        **train,
     )
 
 
@@ -128,23 +134,27 @@ def ar_vae_report(run_dirs: List[Path], tiny: bool = False) -> str:
 
     lines = ["| run | test KL (nats) | dims with KL > 0.01 | largest KL of one dim |", "|---|---|---|---|"]
     for d in run_dirs:
-        spec, runner, data = load_run(d)
-        test = data.test[: spec.train.eval_limit].to(runner.device)
-        kl = runner.model.kl_per_dimension(test).mean(0)
+        run = load_run(d)
+        test = run.data.test[: run.config.eval.limit].to(run.device)
+        kl = run.model.kl_per_dimension(test).mean(0)
         lines.append(f"| {Path(d).name} | {float(kl.sum()):.2f} | {int((kl > 0.01).sum())} | {float(kl.max()):.3f} |")
     return "\n".join(lines) + "\n"
 
 
-def _ar_vae(data: str, epochs: int, eval_k: int, eval_limit: Optional[int], **schedule) -> RunSpec:
+def _ar_vae(data: str, epochs: int, eval_k: int, eval_limit: Optional[int], **schedule) -> RunConfig:
     """The autoregressive-decoder VAE (its preset named like the data), trained with the ELBO
     and the KL ``schedule`` (``kl_warmup``, ``free_bits``, ...) given."""
-    return RunSpec(
+    return RunConfig.from_flat(
         model="ar_vae",
         preset="mnist" if data.startswith("mnist") else data,
         data=data,
         objective="elbo",
         **schedule,
-        train=TrainConfig(epochs=epochs, batch_size=100, lr=1e-3, eval_k=eval_k, eval_limit=eval_limit),
+        epochs=epochs,
+        batch_size=100,
+        lr=1e-3,
+        eval_k=eval_k,
+        eval_limit=eval_limit,
     )
 
 
@@ -163,17 +173,21 @@ def _latent(
     eval_limit: Optional[int] = 1000,
     lr: float = 1e-3,
     **spec,
-) -> RunSpec:
+) -> RunConfig:
     """A latent-variable model on dynamically binarized MNIST; test NLL by importance sampling
     with its (trained) guide as proposal, on the first ``eval_limit`` test images."""
-    return RunSpec(
+    return RunConfig.from_flat(
         model=model,
         preset=preset,
         data="mnist",
         binarization="dynamic",
         objective=objective,
         k=k,
-        train=TrainConfig(epochs=epochs, batch_size=100, lr=lr, eval_k=eval_k, eval_limit=eval_limit),
+        epochs=epochs,
+        batch_size=100,
+        lr=lr,
+        eval_k=eval_k,
+        eval_limit=eval_limit,
         **spec,
     )
 
@@ -185,7 +199,7 @@ GAUSSIAN_DECODERS = {  # VAE options for real data: a fixed, a shared learned an
 }
 
 
-EXPERIMENTS = {
+_EXPERIMENTS = {
     "quickstart": Experiment(
         "VAE (784-200-200-50) on embedded binarized MNIST: ELBO vs IWAE K=5; IS K=1000",
         [
@@ -228,9 +242,9 @@ EXPERIMENTS = {
     "mnist-logit": Experiment(
         "Real-valued density models on dequantized MNIST in logit space (MAF paper setup)",
         [
-            ("rnade", RunSpec(model="rnade", preset="mnist", data="mnist-logit", train=TrainConfig(epochs=1))),
-            ("maf", RunSpec(model="maf", preset="mnist-cpu", data="mnist-logit", train=TrainConfig(epochs=2))),
-            ("realnvp", RunSpec(model="realnvp", preset="mnist-cpu", data="mnist-logit", train=TrainConfig(epochs=3))),
+            ("rnade", RunConfig.from_flat(model="rnade", preset="mnist", data="mnist-logit", epochs=1)),
+            ("maf", RunConfig.from_flat(model="maf", preset="mnist-cpu", data="mnist-logit", epochs=2)),
+            ("realnvp", RunConfig.from_flat(model="realnvp", preset="mnist-cpu", data="mnist-logit", epochs=3)),
         ],
         "Data: MNIST pixels dequantized with uniform noise (fixed seed), scaled to [lambda, 1 - lambda] "
         "with lambda = 1e-6 and mapped through the logit (Papamakarios et al. 2017); 59,600/400 split. "
@@ -244,17 +258,17 @@ EXPERIMENTS = {
         [
             (
                 "charrnn",
-                RunSpec(
-                    model="charrnn", preset="names", data="names", train=TrainConfig(epochs=100, patience=20, lr=2e-3)
-                ),
+                RunConfig.from_flat(model="charrnn", preset="names", data="names", epochs=100, patience=20, lr=2e-3),
             ),
             (
                 "transformer",
-                RunSpec(
+                RunConfig.from_flat(
                     model="transformer",
                     preset="names",
                     data="names",
-                    train=TrainConfig(epochs=100, patience=20, lr=1e-3),
+                    epochs=100,
+                    patience=20,
+                    lr=1e-3,
                 ),
             ),
         ],
@@ -266,7 +280,7 @@ EXPERIMENTS = {
     "flows-toy": Experiment(
         "Normalizing flows as density models on 2-D toy densities: exact test log-likelihood and density plots",
         [
-            (f"{model}-{data}", RunSpec(model=model, preset="toy", data=data, train=TrainConfig(epochs=10, lr=2e-3)))
+            (f"{model}-{data}", RunConfig.from_flat(model=model, preset="toy", data=data, epochs=10, lr=2e-3))
             for data in ("moons", "rings", "checkerboard")
             for model in ("nice", "realnvp", "maf")
         ],
@@ -279,12 +293,14 @@ EXPERIMENTS = {
         [
             (
                 f"digits-{name}",
-                RunSpec(
+                RunConfig.from_flat(
                     model="vae",
                     preset="small",
                     options=options,
                     data="digits-dequantized",
-                    train=TrainConfig(epochs=300, lr=1e-3, eval_k=1000),
+                    epochs=300,
+                    lr=1e-3,
+                    eval_k=1000,
                 ),
             )
             for name, options in GAUSSIAN_DECODERS.items()
@@ -292,12 +308,15 @@ EXPERIMENTS = {
         + [
             (
                 f"mnist-{name}",
-                RunSpec(
+                RunConfig.from_flat(
                     model="vae",
                     preset="iwae-1layer",
                     options=options,
                     data="mnist-dequantized",
-                    train=TrainConfig(epochs=5, lr=1e-3, eval_k=1000, eval_limit=1000),
+                    epochs=5,
+                    lr=1e-3,
+                    eval_k=1000,
+                    eval_limit=1000,
                 ),
             )
             for name, options in GAUSSIAN_DECODERS.items()
@@ -373,7 +392,7 @@ EXPERIMENTS = {
     "vqvae": Experiment(
         "VQ-VAE on dynamically binarized MNIST (7x7 grid of 64 codes, EMA codebook), then learned PixelCNN "
         "priors over its codes",
-        [("vqvae-cpu", RunSpec(model="vqvae", preset="cpu", data="mnist", train=TrainConfig(epochs=7, eval_k=1)))],
+        [("vqvae-cpu", RunConfig.from_flat(model="vqvae", preset="cpu", data="mnist", epochs=7, eval_k=1))],
         "Data: MNIST, dynamic binarization, 59,600/400 split. The guide is deterministic (nearest code), so the "
         "ELBO with the uniform prior over code grids is log p(x | z_q) - 49 log 64 exactly, and IS with K = 1 "
         "equals it. Stage 2 (`dgm fit-prior`) fits each prior to the codes of one fixed binarization of the "
@@ -424,22 +443,32 @@ EXPERIMENTS = {
 }
 
 
-TINY = dict(epochs=1, max_steps=3, eval_k=10, eval_limit=20, progress=False)
+EXPERIMENTS = Registry("experiment")
+"""Experiment name -> :class:`Experiment`."""
+for _name, _experiment in _EXPERIMENTS.items():
+    EXPERIMENTS.add(_name, _experiment, _experiment.description)
+
+TINY = dict(train=dict(epochs=1, max_steps=3, progress=False), eval=dict(k=10, limit=20))
 
 
 def reproduce(name: str, out: Optional[Path] = None, device: str = "auto", tiny: bool = False) -> str:
     """Train and evaluate every run of experiment ``name`` into ``out`` and return the
     results table; ``tiny`` shrinks every run to a few steps (a pipeline check)."""
-    if name not in EXPERIMENTS:
-        raise DGMError(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)}")
     exp = EXPERIMENTS[name]
     out = Path(out) if out is not None else Path("runs") / (name + ("-tiny" if tiny else ""))
     home = out if exp.shares is None else out.parent / (exp.shares + ("-tiny" if tiny else ""))
     dirs = []
-    for run_name, spec in exp.runs:
-        spec = replace(spec, train=replace(spec.train, device=device, **(TINY if tiny else {})))
-        print(f"[{name}] {run_name}: training ({spec.objective}, K={spec.k}, {spec.train.epochs} epochs)", flush=True)
-        train_run(spec, home / run_name)
+    for run_name, config in exp.runs:
+        small = TINY if tiny else {"train": {}, "eval": {}}
+        config = replace(
+            config,
+            train=replace(config.train, device=device, **small["train"]),
+            eval=replace(config.eval, **small["eval"]),
+        )
+        print(
+            f"[{name}] {run_name}: training ({config.objective.describe()}, {config.train.epochs} epochs)", flush=True
+        )
+        train_run(config, home / run_name)
         dirs.append(home / run_name)
     table = f"# {name}\n\n{exp.description}\n\n" + compare(dirs) + "\n" + exp.notes + "\n"
     if exp.report is not None:

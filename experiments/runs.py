@@ -1,10 +1,18 @@
-"""Run directories: build a model, data and objective from one ``RunSpec``, train through
-the runner, and read finished runs back.
+"""Run directories: build a model, data and objective from one ``RunConfig``, train through
+the runner, and read finished runs back without training.
 
-A run directory holds ``config.json`` (the spec), ``metrics.jsonl``, ``checkpoint.pt``,
-``best.pt`` (best validation weights), ``samples.png`` and ``summary.json``. Training into
-an existing directory with the same spec resumes from its checkpoint; a different spec is
-refused, so two experiments never mix in one directory.
+A run directory holds ``config.json`` (the :class:`~experiments.config.RunConfig`),
+``metrics.jsonl``, ``checkpoint.pt`` (resumable state), ``best.pt`` (best validation
+weights), ``final.pt`` (the weights training ended on), ``data.json`` (the data's spec and
+size, so a run loads without its data), samples and ``summary.json``. Training into an
+existing directory with the same config resumes from its checkpoint; a different config is
+refused with the settings that differ, so two experiments never mix in one directory.
+
+Python API::
+
+    run = load_run("runs/vae-digits-elbo-amortized-s0")   # no training, no data pass
+    run.model, run.guide                                  # trained weights, eval-ready
+    evaluate(run.model, run.guide, x, EvalConfig(estimator="is", k=5000))
 """
 
 from __future__ import annotations
@@ -12,102 +20,76 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple, Union
 
 import torch
 
 from experiments import data as datasets
+from experiments.config import DataConfig, ModelConfig, RunConfig, defining, differences, read_config
 from experiments.labels import keep_labels
-from experiments.plots import save_samples, save_text_samples
-from inference.flow_guides import STEPS as FLOW_STEPS
-from inference.objectives import make_objective
-from inference.runner import Runner, TrainConfig
-from inference.schedules import make_schedule
-from models import REGISTRY
-from models.base import DGMError, GenerativeModel
+from inference.config import EvalConfig
+from inference.device import resolve_device
+from inference.evaluation import evaluate
+from inference.guides import Guide, build_guide
+from inference.objective import make_objective
+from inference.runner import BEST, CHECKPOINT, FINAL, Runner, load_state, load_weights
+from models.base import DataSpec, DGMError, GenerativeModel
+from models.registry import MODELS
+
+PathLike = Union[str, Path]
 
 
-@dataclass
-class RunSpec:
-    """Everything that defines a run; written to ``config.json``."""
-
-    model: str = "vae"
-    preset: Optional[str] = None
-    options: Dict[str, Any] = field(default_factory=dict)  # overrides of the model config
-    data: str = "mnist-embedded"
-    binarization: str = "dynamic"
-    split: str = "59600/400"
-    objective: str = "elbo"  # elbo | elbo-sf | iwae
-    k: int = 1
-    analytic_kl: bool = False
-    baseline: str = "average"  # elbo-sf: none | average | neural
-    kl_warmup: int = 0  # KL annealing: steps of linear warm-up of beta from kl_beta0 to 1 (0: none)
-    kl_beta0: float = 0.0
-    free_bits: float = 0.0  # free bits: nats floor per group of latent units (0: none)
-    free_bits_per: str = "site"  # site | dimension
-    guide: str = "amortized"  # amortized | local | iaf | planar | radial
-    flow_depth: int = 2  # flow guides: number of steps
-    flow_hidden: Optional[int] = None  # flow guides: hidden width (default max(16, 4 * latent size))
-    labelled: Optional[int] = None  # semi-supervised (m2): keep this many training labels, balanced; the rest -1
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @staticmethod
-    def from_json(d: dict) -> "RunSpec":
-        d = dict(d)
-        known = {f.name for f in fields(TrainConfig)}
-        d["train"] = TrainConfig(**{k: v for k, v in d.get("train", {}).items() if k in known})
-        return RunSpec(**d)
-
-
-def build_model(spec: RunSpec, data_spec) -> GenerativeModel:
-    if spec.model not in REGISTRY:
-        raise DGMError(f"unknown model {spec.model!r}; `dgm list` shows the models ({', '.join(sorted(REGISTRY))})")
-    cls = REGISTRY[spec.model]
-    config = None
+def build_model(config: ModelConfig, data_spec: DataSpec) -> GenerativeModel:
+    """The model ``config`` names, with its preset and options, for data of ``data_spec``."""
+    cls = MODELS[config.name]
+    model_config = None
     if cls.config_class is not None:
-        if spec.preset is not None and spec.preset not in cls.presets:
-            raise DGMError(f"unknown preset {spec.preset!r} for {spec.model}; choose from {sorted(cls.presets)}")
-        config = cls.presets[spec.preset] if spec.preset else cls.config_class()
-        valid = {f.name: f for f in fields(cls.config_class)}
-        for key in spec.options:
+        if config.preset is not None and config.preset not in cls.presets:
+            raise DGMError(f"unknown preset {config.preset!r} for {config.name}; choose from {sorted(cls.presets)}")
+        model_config = cls.presets[config.preset] if config.preset else cls.config_class()
+        valid = {f for f in model_config.__dataclass_fields__}
+        for key in config.options:
             if key not in valid:
-                raise DGMError(f"{spec.model} has no option {key!r}; options: {', '.join(valid)}")
-        config = replace(config, **spec.options)
-    elif spec.options or spec.preset:
-        raise DGMError(f"{spec.model} takes no options or presets")
-    return cls(data_spec, config)
+                raise DGMError(f"{config.name} has no option {key!r}; options: {', '.join(valid)}")
+        model_config = replace(model_config, **config.options)
+    elif config.options or config.preset:
+        raise DGMError(f"{config.name} takes no options or presets")
+    try:
+        return cls(data_spec, model_config)
+    except (TypeError, ValueError, ZeroDivisionError) as e:  # options of the wrong type or range
+        raise DGMError(f"{config.name} cannot be built with options {config.options}: {e}") from None
 
 
-def build(spec: RunSpec, run_dir: Optional[Path] = None) -> Tuple[Runner, Any]:
-    """Data, model, objective and runner for ``spec``."""
-    data = datasets.load(spec.data, binarization=spec.binarization, split=spec.split, seed=spec.train.seed)
-    if spec.labelled is not None:
-        kept = keep_labels(data.train_labels, spec.labelled, seed=spec.train.seed)
-        data = replace(data, train_labels=kept, info={**data.info, "labelled": spec.labelled})
-    torch.manual_seed(spec.train.seed)
-    model = build_model(spec, data.spec)
-    if model.objectives is not None and spec.objective not in model.objectives:
+def load_data(config: DataConfig, seed: int):
+    """The dataset of a run (with its label budget applied)."""
+    data = datasets.load(config.name, binarization=config.binarization, split=config.split, seed=seed)
+    if config.labelled is not None:
+        kept = keep_labels(data.train_labels, config.labelled, seed=seed)
+        data = replace(data, train_labels=kept, info={**data.info, "labelled": config.labelled})
+    return data
+
+
+def build(config: RunConfig, run_dir: Optional[Path] = None, data=None) -> Tuple[Runner, Any]:
+    """Data, model, objective, guide and runner for ``config`` (everything checked before
+    anything is trained or written)."""
+    config.check()
+    resolve_device(config.train.device)
+    data = data if data is not None else load_data(config.data, config.train.seed)
+    torch.manual_seed(config.train.seed)
+    model = build_model(config.model, data.spec)
+    if model.objectives is not None and config.objective.name not in model.objectives:
         raise DGMError(
-            f"{spec.model} trains correctly only with --objective {' or '.join(model.objectives)}, not {spec.objective}"
+            f"{config.model.name} trains correctly only with --objective {' or '.join(model.objectives)}, "
+            f"not {config.objective.name}"
         )
-    if spec.labelled is not None and not model.accepts_unlabelled:
-        raise DGMError(f"{spec.model} does not learn from unlabelled data; a label budget is for m2")
-    schedule = make_schedule(spec.kl_warmup, spec.kl_beta0, spec.free_bits, spec.free_bits_per)
-    objective = make_objective(
-        spec.objective,
-        spec.k,
-        analytic_kl=spec.analytic_kl,
-        baseline=spec.baseline,
-        input_dim=data.spec.dim,
-        schedule=schedule,
-    )
-    flow = {"flow_depth": spec.flow_depth, "flow_hidden": spec.flow_hidden} if spec.guide in FLOW_STEPS else {}
-    runner = Runner(model, data, objective, guide=spec.guide, config=spec.train, run_dir=run_dir, guide_options=flow)
+    if config.data.labelled is not None and not model.accepts_unlabelled:
+        raise DGMError(f"{config.model.name} does not learn from unlabelled data; a label budget is for m2")
+    objective = make_objective(config.objective, data.spec)
+    guide = build_guide(config.guide, model, data.train)
+    runner = Runner(model, data, objective, guide, config=config.train, run_dir=run_dir, evaluation=config.eval)
     return runner, data
 
 
@@ -123,59 +105,45 @@ def _finite(obj):
     return obj
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
+def write_json(path: Path, obj) -> None:
+    """Strict JSON, written atomically."""
+    tmp = Path(str(path) + ".tmp")
     tmp.write_text(json.dumps(_finite(obj), indent=2, default=str, allow_nan=False) + "\n")
     tmp.replace(path)
 
 
-# Fields that change what is logged or where it runs, not what is computed: a run may resume with
-# other values (a CPU run finished on a GPU; bit-for-bit equality then holds per device only).
-_DISPLAY_ONLY = ("progress", "log_every", "checkpoint_seconds", "device")
+def _as_json(config: RunConfig) -> dict:
+    return json.loads(json.dumps(config.to_json(), default=str))
 
 
-def _defining(spec_json: dict) -> dict:
-    """A spec without its display-only fields: two specs that agree here are the same run."""
-    train = {k: v for k, v in spec_json.get("train", {}).items() if k not in _DISPLAY_ONLY}
-    return {**spec_json, "train": train}
-
-
-def _with_defaults(spec_json: dict) -> dict:
-    """An older ``config.json`` with the fields added since filled in at their defaults
-    (which reproduce the old behaviour), so its run still resumes."""
-    try:
-        return json.loads(json.dumps(RunSpec.from_json(spec_json).to_json(), default=str))
-    except TypeError:  # fields this version does not know: compare as written
-        return spec_json
-
-
-def train_run(spec: RunSpec, run_dir: Path) -> dict:
+def train_run(config: RunConfig, run_dir: PathLike) -> dict:
     """Train (or resume) the run in ``run_dir``, evaluate it and write ``summary.json``."""
     run_dir = Path(run_dir)
     config_path = run_dir / "config.json"
     if config_path.exists():
-        old = _with_defaults(json.loads(config_path.read_text()))
-        if _defining(old) != _defining(json.loads(json.dumps(spec.to_json(), default=str))):
+        old = defining(_as_json(read_config(config_path)))
+        new = defining(_as_json(config))
+        if old != new:
             raise DGMError(
-                f"{run_dir} holds a run with a different configuration; choose another --run-dir "
-                "or delete it (resuming needs the same command)"
+                f"{run_dir} holds a run with a different configuration ({'; '.join(differences(old, new))}); "
+                "choose another --run-dir or delete it (resuming needs the same command)"
             )
         summary_path = run_dir / "summary.json"
-        if summary_path.exists() and _done(run_dir):
+        if summary_path.exists() and (run_dir / FINAL).exists():
             return json.loads(summary_path.read_text())  # finished and evaluated: nothing to redo
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(config_path, spec.to_json())
-    runner, data = build(spec, run_dir)
+    runner, data = build(config, run_dir)  # refuses a bad config before config.json is written
+    write_json(config_path, config.to_json())
+    write_json(run_dir / "data.json", {"spec": data.spec.to_json(), "num_train": int(data.train.shape[0])})
     t0 = time.time()
     progress = runner.fit()
     summary = {
-        "model": spec.model,
-        "preset": spec.preset,
+        "model": config.model.name,
+        "preset": config.model.preset,
         "data": data.describe(),
-        "objective": spec.objective,
-        "k": spec.k,
-        "guide": spec.guide + (f" x{spec.flow_depth}" if spec.guide in FLOW_STEPS else ""),
-        "kl_schedule": _describe_schedule(spec),
+        "objective": config.objective.name,
+        "k": config.objective.k,
+        "guide": runner.guide.describe(),
+        "kl_schedule": _describe_schedule(config),
         "epochs": progress["epoch"],
         "steps": progress["step"],
         "train_seconds": round(progress["train_seconds"], 2),
@@ -184,122 +152,134 @@ def train_run(spec: RunSpec, run_dir: Path) -> dict:
         "test": runner.evaluate(),
         "wall_seconds": round(time.time() - t0, 2),
     }
-    if hasattr(runner.model, "classify") and data.test_labels is not None:  # m2: its classifier q(y | x)
-        from models.latent.m2 import accuracy
-
-        summary["test"]["accuracy"] = accuracy(runner.model, data.test.to(runner.device), data.test_labels)
-    if "alphabet" in data.info:  # END-padded strings: the per-character view, and text samples
-        from models.autoregressive.sequence import nats_per_char, num_symbols
-
-        if runner.model.has_exact_log_prob:
-            summary["test"]["nats_per_char"] = nats_per_char(runner.model, data.test.to(runner.device))
-            summary["val_nats_per_char"] = nats_per_char(runner.model, data.val.to(runner.device))
-        else:  # a latent-variable model: the estimated test NLL over the symbols of the same names
-            test = data.test[: summary["test"]["n"]]
-            symbols = float(num_symbols(test.reshape(len(test), -1)).sum())
-            summary["test"]["nats_per_char"] = summary["test"]["nll"] * len(test) / symbols
-            summary["test"]["nats_per_char_estimated"] = True
-        save_text_samples(runner.model, data.info["alphabet"], run_dir / "samples.txt")
-    elif data.spec.image_shape is not None or data.spec.dim == 2:
-        n = 64 if data.spec.image_shape is not None else 2000  # a grid of images, or a 2-D scatter
-        save_samples(runner.model, data.spec, run_dir / "samples.png", n=n)
-    if data.spec.dim == 2 and runner.model.has_exact_log_prob:  # 2-D densities: the density itself
-        from experiments.density_plots import save_density_plot
-
-        title = f"{spec.model}" + (f"[{spec.preset}]" if spec.preset else "") + f" on {spec.data}"
-        save_density_plot(runner.model, run_dir / "density.png", data=data.train[:20_000].cpu(), title=title)
-    if spec.data == "mnist-logit" and summary["test"]["estimator"] == "exact":  # pixel-space bits/dim
-        summary["test"]["bits_per_dim"] = _logit_bits_per_dim(summary["test"]["nll"], data.test, runner.config)
-    elif "levels" in data.info:  # dequantized levels on [0, 1]: bits/dim of the discrete levels
-        d, levels = data.spec.dim, data.info["levels"]
-        summary["test"]["bits_per_dim"] = (summary["test"]["nll"] + d * math.log(levels)) / (d * math.log(2))
-    _write_json(run_dir / "summary.json", summary)
+    # the model's own metrics (M2: accuracy) are over the whole test set, as before the eval limit
+    summary["test"].update(runner.model.report(data.test.to(runner.device), data.test_labels))
+    extra = data.report(runner.model, summary, data.test)
+    summary["test"].update(extra.pop("test", {}))
+    summary.update(extra)
+    data.write_run_outputs(runner.model, run_dir, title=config.describe())
+    write_json(run_dir / "summary.json", summary)
     return _finite(summary)  # as written: NaN and infinities are None
 
 
-def _logit_bits_per_dim(nll: float, test, config: TrainConfig) -> float:
-    """Mean bits/dim in pixel space of the evaluated test points, from their mean NLL in logit
-    space (``models.flows.logit_bits_per_dim`` is linear in log p, so means commute)."""
-    from models.flows import logit_bits_per_dim
-
-    y = test if config.eval_limit is None else test[: config.eval_limit]
-    return float(logit_bits_per_dim(torch.full((y.shape[0],), -nll, dtype=torch.float64), y.double()).mean())
-
-
-def _describe_schedule(spec: RunSpec) -> str:
-    parts = [f"KL warm-up {spec.kl_warmup} steps from {spec.kl_beta0:g}"] if spec.kl_warmup else []
-    parts += [f"free bits {spec.free_bits:g} per {spec.free_bits_per}"] if spec.free_bits else []
+def _describe_schedule(config: RunConfig) -> str:
+    o = config.objective
+    parts = [f"KL warm-up {o.kl_warmup} steps from {o.kl_beta0:g}"] if o.kl_warmup else []
+    parts += [f"free bits {o.free_bits:g} per {o.free_bits_per}"] if o.free_bits else []
     return ", ".join(parts) or "-"
 
 
-def load_run(run_dir: Path) -> Tuple[RunSpec, Runner, Any]:
-    """Rebuild a finished (or interrupted) run with its latest weights."""
+@dataclass
+class Run:
+    """A run directory's trained model and guide (restored without training, optimizer or
+    data pass; the data is read only when ``data`` is asked for)."""
+
+    dir: Path
+    config: RunConfig
+    model: GenerativeModel
+    guide: Guide
+    device: torch.device
+    finished: bool
+
+    @cached_property
+    def data(self):
+        return load_data(self.config.data, self.config.train.seed)
+
+
+def _data_spec(run_dir: Path, config: RunConfig) -> Tuple[DataSpec, int]:
+    """The data's spec and training-set size, from ``data.json`` (or, for runs written
+    before it existed, from the data)."""
+    path = run_dir / "data.json"
+    if path.exists():
+        try:
+            info = json.loads(path.read_text())
+            return DataSpec.from_json(info["spec"]), int(info["num_train"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise DGMError(f"{path} is damaged ({e}); delete it (it is rebuilt from the data)") from None
+    data = load_data(config.data, config.train.seed)
+    return data.spec, int(data.train.shape[0])
+
+
+def load_run(run_dir: PathLike, device: Optional[str] = None) -> Run:
+    """Restore a finished (or interrupted) run: its final weights (best validation weights
+    after ``after_fit``), or the latest checkpoint of an unfinished run. ``device``
+    overrides the run's own (``auto``: CUDA where available)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").exists():
         raise DGMError(f"{run_dir} is not a run directory (no config.json); train one with `dgm train`")
-    spec = RunSpec.from_json(json.loads((run_dir / "config.json").read_text()))
-    runner, data = build(spec, run_dir)
-    if (run_dir / "checkpoint.pt").exists() and _done(run_dir):
-        runner.fit()  # returns at once for a finished run, with its best validation weights
-    else:
-        _load_weights(runner, run_dir)
-    return spec, runner, data
+    config = read_config(run_dir / "config.json")
+    target = resolve_device(device or config.train.device)
+    spec, num_train = _data_spec(run_dir, config)
+    torch.manual_seed(config.train.seed)
+    model = build_model(config.model, spec)
+    placeholder = spec.placeholder(num_train)  # guides are sized on the data's shape alone
+    guide = build_guide(config.guide, model, placeholder)
+    path, finished = _weights_path(run_dir)
+    load_weights(model, guide, load_state(path), path)
+    model.to(target).eval()
+    guide.to(target).eval()
+    return Run(run_dir, config, model, guide, target, finished)
 
 
-def _done(run_dir: Path) -> bool:
-    return bool(torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False).get("done"))
-
-
-def _load_weights(runner: Runner, run_dir: Path) -> None:
-    path = run_dir / "checkpoint.pt"
-    if not path.exists():
-        raise DGMError(f"{run_dir} has no checkpoint yet; train it first")
-    state = torch.load(path, map_location=runner.device, weights_only=False)
-    runner.model.load_state_dict(state["model"])
-    if runner.guide_module is not None and state.get("guide") is not None:
-        runner.guide_module.load_state_dict(state["guide"])
+def _weights_path(run_dir: Path) -> Tuple[Path, bool]:
+    """``(file, finished)``: the weights training ended on, or the latest checkpoint of an
+    unfinished run (runs finished before ``final.pt`` existed: their best weights)."""
+    if (run_dir / FINAL).exists():
+        return run_dir / FINAL, True
+    if not (run_dir / CHECKPOINT).exists():
+        raise DGMError(f"{run_dir} has no checkpoint yet; train it first (`dgm train`)")
+    done = bool(load_state(run_dir / CHECKPOINT).get("done"))
+    if done and (run_dir / BEST).exists():
+        return run_dir / BEST, True
+    return run_dir / CHECKPOINT, done
 
 
 def evaluate_run(
-    run_dir: Path, estimator: str = "auto", k: int = 1000, limit: Optional[int] = None, split: str = "test"
+    run_dir: PathLike, estimator: str = "auto", k: int = 1000, limit: Optional[int] = None, split: str = "test"
 ) -> dict:
-    spec, runner, data = load_run(run_dir)
-    runner.config = replace(runner.config, eval_limit=limit)
-    x = getattr(data, split)
-    labels = getattr(data, f"{split}_labels") if runner.model.uses_labels else None
-    result = runner.evaluate(x, estimator=estimator, k=k, labels=labels)
+    """``dgm eval``: estimate log p(x) of the run on ``split``; written to
+    ``RUN/eval_<estimator>_<settings>_<split>[_n<limit>].json``."""
+    if split not in ("test", "val"):
+        raise DGMError(f"unknown split {split!r}; use test or val")
+    run = load_run(run_dir)
+    config = EvalConfig(estimator=estimator, k=k, limit=limit, batch_size=run.config.eval.batch_size)
+    x = getattr(run.data, split)
+    conditions = {"y": getattr(run.data, f"{split}_labels")} if run.model.uses_labels else {}
+    result = evaluate(
+        run.model,
+        run.guide,
+        x.to(run.device),
+        config,
+        conditions={key: value.to(run.device) for key, value in conditions.items()},
+        num_particles=run.config.objective.k,
+        train=run.config.train,
+    )
     result["split"] = split
-    name = f"eval_{result['estimator']}_K{result['K']}_{split}{'' if limit is None else f'_n{limit}'}.json"
-    _write_json(Path(run_dir) / name, result)
+    settings = "".join(f"_{key}{value}" for key, value in result["settings"].items()) or "_K0"
+    name = f"eval_{result['estimator']}{settings}_{split}{'' if limit is None else f'_n{limit}'}.json"
+    write_json(Path(run_dir) / name, result)
     return result
 
 
-def score_run(run_dir: Path, x: torch.Tensor, estimator: str = "auto", k: int = 1000, progress: bool = True):
+def score_run(run_dir: PathLike, x: torch.Tensor, estimator: str = "auto", k: int = 1000, progress: bool = True):
     """Per-datapoint ``log p(x)`` of the trained run on ``x``: an :class:`Estimate` (exact
-    where the model has it, else importance sampling with the run's amortized guide)."""
-    from inference.estimators import estimate_dataset
-    from inference.runner import eval_mode
+    where the model has it, else importance sampling with the run's guide)."""
+    from inference.estimators import estimate_dataset, make_estimator
 
-    spec, runner, data = load_run(run_dir)
-    runner.model.check_data(x, "scored data")
-    method = ("exact" if runner.model.has_exact_log_prob else "is") if estimator == "auto" else estimator
-    if method != "exact" and spec.guide != "amortized":
+    run = load_run(run_dir)
+    run.model.check_data(x, "scored data")
+    est = make_estimator(EvalConfig(estimator=estimator, k=k, batch_size=run.config.eval.batch_size), run.model)
+    if est.uses_guide and run.guide.refit_on_new_data:
         raise DGMError(
-            f"{run_dir} has a {spec.guide} guide, which cannot score new data; use --estimator exact or naive, "
-            "or train with --guide amortized"
+            f"{run_dir} has a {run.guide.describe()} guide, which cannot score new data; use --estimator exact or "
+            "naive, or train with --guide amortized"
         )
-    with eval_mode(runner.model, runner.guide_module):
-        return estimate_dataset(
-            runner.model,
-            x.to(runner.device),
-            method=method,
-            num_samples=k,
-            guide=runner.guide if method == "is" else None,
-            batch_size=runner.config.eval_batch_size,
-            progress=progress,
-        )
+    return estimate_dataset(
+        run.model, x.to(run.device), guide=run.guide, batch_size=est.config.batch_size, progress=progress, estimator=est
+    )
 
 
+# --- comparing runs ---------------------------------------------------------------------------
 def format_number(value, fmt: str) -> str:
     """``value`` formatted, or "-" where it is missing (``None``, NaN: not available)."""
     return "-" if value is None or value != value else format(value, fmt)
@@ -315,21 +295,29 @@ def _units(value) -> str:
     return str(value)
 
 
+def describe_estimator(test: dict) -> str:
+    """``is K=1000``: the estimator and its settings, from a summary's ``test`` section."""
+    settings = test.get("settings")
+    if settings is None:  # summaries written before estimators declared their settings
+        settings = {"K": test["K"]} if test.get("K") else {}
+    return " ".join([test["estimator"]] + [f"{key}={value}" for key, value in settings.items()])
+
+
 COLUMNS = [
     ("model", lambda s: s["model"] + (f"[{s['preset']}]" if s.get("preset") else "")),
-    ("objective", lambda s: f"{s['objective']}" + (f" K={s['k']}" if s["objective"] == "iwae" else "")),
+    ("objective", lambda s: f"{s['objective']}" + (f" K={s['k']}" if s["k"] > 1 or s["objective"] == "iwae" else "")),
     ("guide", lambda s: s["guide"]),
     ("epochs", lambda s: str(s["epochs"])),
     ("train s", lambda s: f"{s['train_seconds']:.0f}"),
     ("test NLL", lambda s: " ± ".join(format_number(s["test"][key], ".2f") for key in ("nll", "nll_stderr"))),
-    ("estimator", lambda s: s["test"]["estimator"] + (f" K={s['test']['K']}" if s["test"]["K"] else "")),
+    ("estimator", lambda s: describe_estimator(s["test"])),
     ("test ELBO", lambda s: format_number(s["test"].get("elbo"), ".2f")),
     ("KL schedule", lambda s: s.get("kl_schedule", "-")),
     ("active units", lambda s: _units(s["test"].get("active_units"))),
     ("test acc", lambda s: f"{s['test']['accuracy']:.1%}" if "accuracy" in s["test"] else "-"),
     ("bits/dim", lambda s: f"{s['test']['bits_per_dim']:.3f}" if "bits_per_dim" in s["test"] else "-"),
     ("nats/char", lambda s: f"{s['test']['nats_per_char']:.3f}" if "nats_per_char" in s["test"] else "-"),
-    ("k-hat>0.7", lambda s: f"{s['test']['khat_frac_above_0.7']:.1%}" if (s["test"]["K"] or 0) > 1 else "-"),
+    ("k-hat>0.7", lambda s: f"{s['test']['khat_frac_above_0.7']:.1%}" if (s["test"].get("K") or 0) > 1 else "-"),
 ]
 
 
@@ -340,7 +328,10 @@ def compare(run_dirs: List[Path]) -> str:
         path = Path(d) / "summary.json"
         if not path.exists():
             raise DGMError(f"{d} has no summary.json; is the run finished?")
-        rows.append(json.loads(path.read_text()))
+        try:
+            rows.append(json.loads(path.read_text()))
+        except json.JSONDecodeError as e:
+            raise DGMError(f"{path} is not valid JSON ({e}); rerun `dgm train` on the run to rewrite it") from None
     cells = [[f(s) for _, f in COLUMNS] for s in rows]
     keep = [j for j in range(len(COLUMNS)) if any(row[j] != "-" for row in cells)]  # no all-empty columns
     header = "| run | " + " | ".join(COLUMNS[j][0] for j in keep) + " |"

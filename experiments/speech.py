@@ -14,7 +14,7 @@ Processing of each utterance (espeak-ng writes 16-bit mono WAV at 22,050 Hz):
 2. leading and trailing silence (below 1 % of the peak) trimmed, keeping
    :data:`MARGIN_SECONDS` on each side;
 3. peak-normalized to :data:`PEAK`, mu-law companded and quantized to ``levels`` levels
-   (:func:`~models.autoregressive.wavenet.mu_law_encode`);
+   (:func:`~models.nn.mulaw.mu_law_encode`);
 4. cut into clips of ``length`` samples (default 4,000 = 0.5 s) by :func:`clips`: an
    utterance shorter than that is padded at the end with silence (the level of 0.0), a
    longer one is covered by ``ceil(len / length)`` evenly spaced, overlapping windows (so
@@ -51,8 +51,9 @@ import numpy as np
 import torch
 
 from experiments.data import Dataset
-from models.autoregressive.wavenet import mu_law_decode, mu_law_encode
+from experiments.reporting import AudioSamples
 from models.base import DataError, DataSpec
+from models.nn.mulaw import mu_law_decode, mu_law_encode
 
 SPEECH_WORDS: Tuple[str, ...] = (
     "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
@@ -268,6 +269,7 @@ def load_speech(
         **{part: torch.from_numpy(arrays[part].astype(np.float32)) for part in ("train", "val", "test")},
         **{f"{part}_labels": torch.from_numpy(arrays[f"{part}_labels"]) for part in ("train", "val", "test")},
         info=info,
+        samples=AudioSamples(int(levels), int(params["rate"])),
     )
 
 

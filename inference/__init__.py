@@ -1,28 +1,56 @@
 """Fitting and evaluating models; knows nothing about particular models.
 
-Everything reduces the per-datapoint log-weights of ``inference.logweights``:
-objectives (``ELBO``, ``ScoreFunctionELBO``, ``IWAE``), estimators of log p(x)
-(``exact``, ``naive``, ``is``), and the one training loop (``Runner``).
+Everything reduces the per-datapoint log-weights of ``inference.logweights``. Each kind of
+part has one interface and one registry:
+
+* objectives: ``inference.objective.Objective``, registered in ``OBJECTIVES``
+  (``elbo``, ``elbo-sf``, ``iwae`` in ``objectives``; ``elbo-enum`` in ``enum``; ``em``);
+* guides: ``inference.guides.Guide``, registered in ``GUIDES`` (``amortized``, ``local``;
+  ``iaf``, ``planar``, ``radial`` in ``flow_guides``);
+* estimators: ``inference.estimators.Estimator``, registered in ``ESTIMATORS``
+  (``exact``, ``naive``, ``is``);
+
+and one training loop (``Runner``) and one evaluation (``evaluate``) consume them.
+Importing this package registers every part.
 """
 
-from inference.estimators import Estimate, estimate_dataset, importance
-from inference.guides import LocalGuide, build_guide
+# Each of these modules registers its parts; their order is the order `dgm list` shows.
+# isort: off
+from inference import objectives, enum, em, flow_guides  # noqa: F401
+
+# isort: on
+from inference.config import EvalConfig, GuideConfig, ObjectiveConfig, TrainConfig
+from inference.estimators import ESTIMATORS, Estimate, Estimator, estimate_dataset, importance, make_estimator
+from inference.evaluation import evaluate
+from inference.guides import GUIDES, Guide, LocalGuide, build_guide
 from inference.logweights import LogWeights, compute_log_weights
-from inference.objectives import ELBO, IWAE, ScoreFunctionELBO, make_objective
-from inference.runner import Runner, TrainConfig, fit_local_guide
+from inference.objective import OBJECTIVES, Objective, make_objective
+from inference.objectives import ELBO, IWAE, ScoreFunctionELBO
+from inference.runner import Runner, fit_local_guide
 
 __all__ = [
     "compute_log_weights",
     "LogWeights",
+    "Objective",
+    "OBJECTIVES",
+    "ObjectiveConfig",
     "ELBO",
     "ScoreFunctionELBO",
     "IWAE",
     "make_objective",
+    "Guide",
+    "GUIDES",
+    "GuideConfig",
     "LocalGuide",
     "build_guide",
+    "Estimator",
+    "ESTIMATORS",
     "Estimate",
     "estimate_dataset",
+    "make_estimator",
     "importance",
+    "evaluate",
+    "EvalConfig",
     "Runner",
     "TrainConfig",
     "fit_local_guide",

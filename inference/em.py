@@ -21,7 +21,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from models.base import DGMError, GenerativeModel
+from inference.config import ObjectiveConfig
+from inference.objective import OBJECTIVES, Objective
+from models.base import DataSpec, DGMError, GenerativeModel
 
 __all__ = ["ClosedFormEM", "run_em"]
 
@@ -82,37 +84,36 @@ def _em_update(model) -> Callable[[Tensor], None]:
     return update
 
 
-class ClosedFormEM:
+@OBJECTIVES.register("em", "closed-form EM steps on the whole training set (models with em_update: mixtures, PPCA)")
+class ClosedFormEM(Objective):
     """``--objective em``: one closed-form EM step per training step, on the whole batch.
 
-    ``closed_form = True`` tells the runner to pass the whole training set as the batch and
-    to call ``step`` instead of differentiating a loss. The reported bound is the exact
+    It declares ``full_batch`` (the runner passes the whole training set as the batch) and
+    ``uses_guide = False`` (only the model is fitted), and takes its steps in
+    ``train_step`` instead of differentiating a loss. The reported bound is the exact
     ``log p(x)`` after the step (EM's objective itself, not a lower bound)."""
 
-    closed_form = True
-    num_particles = 1
+    full_batch = True
+    uses_guide = False
+    supports_schedule = False
+
+    def __init__(self, config: Optional[ObjectiveConfig] = None, data_spec: Optional[DataSpec] = None):
+        pass
 
     def check(self, model: GenerativeModel) -> None:
         _em_update(model)
         if not model.has_exact_log_prob:
             raise DGMError(f"{type(model).__name__} has no exact log p(x) to monitor EM with")
 
-    def step(self, model: GenerativeModel, x: Tensor) -> Dict[str, Tensor]:
+    def train_step(
+        self, model: GenerativeModel, guide, x: Tensor, idx, size, optimizer, conditions
+    ) -> Dict[str, Tensor]:
         with torch.no_grad():
             _em_update(model)(x)
             log_px = model.log_prob(x).mean()
         return {"bound": log_px, "loss": -log_px}
 
-    def bound(self, model_fn, guide, x: Tensor, **kwargs) -> Tensor:
-        """Exact ``log p(x)`` per datapoint of the model whose program is ``model_fn``."""
+    def validation_bound(self, model: GenerativeModel, guide, x: Tensor, **conditions) -> Tensor:
+        """Exact ``log p(x)`` per datapoint."""
         with torch.no_grad():
-            return model_fn.__self__.log_prob(x)
-
-    def modules(self) -> list:
-        return []
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
+            return model.log_prob(x)

@@ -29,7 +29,7 @@ J. Foerster et al., "DiCE: the infinitely differentiable Monte Carlo estimator",
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Optional, Tuple
 
 import pyro.infer
 import torch
@@ -40,13 +40,14 @@ from pyro.ops import packed
 from pyro.ops.contract import contract_tensor_tree
 from pyro.ops.einsum.adjoint import require_backward
 from pyro.ops.rings import MarginalRing, SampleRing
-from torch import Tensor, nn
+from torch import Tensor
 
-from models.base import DATA_PLATE, DGMError
+from inference.config import ObjectiveConfig
+from inference.logweights import data_frame
+from inference.objective import OBJECTIVES, Objective, Terms, check_particles, guess_plates
+from models.base import DATA_PLATE, DataSpec, DGMError
 
 __all__ = ["EnumELBO"]
-
-Terms = Dict[str, Tensor]
 
 
 def _empty_guide(*args, **kwargs) -> None:
@@ -126,22 +127,13 @@ def _per_datapoint_dice_elbo(model_trace, guide_trace) -> Tuple[Tensor, float]:
     for name, site in guide_trace.nodes.items():
         if site["type"] == "sample":
             costs.setdefault(ordering[name], []).append(packed.neg(site["packed"]["log_prob"]))
-    frame = _data_frame(model_trace)
+    frame = data_frame(model_trace)
     symbol = model_trace.plate_to_symbol[DATA_PLATE]
     elbo = _PerDatapointDice(guide_trace, ordering).expectation_per(costs, symbol, frame.size)
     return elbo, (frame.full_size or frame.size) / frame.size
 
 
-def _data_frame(trace):
-    for site in trace.nodes.values():
-        if site["type"] == "sample":
-            for frame in site["cond_indep_stack"]:
-                if frame.name == DATA_PLATE:
-                    return frame
-    raise DGMError(f"the model has no {DATA_PLATE!r} plate; wrap its sites in model.data_plate(...)")
-
-
-class EnumELBO(pyro.infer.TraceEnum_ELBO):
+class EnumELBO(Objective, pyro.infer.TraceEnum_ELBO):
     """ELBO with exact sums over enumerated discrete sites, per datapoint.
 
     The same interface as the log-weight objectives (``inference.objectives``):
@@ -151,9 +143,10 @@ class EnumELBO(pyro.infer.TraceEnum_ELBO):
     guessed by tracing the pair once, without touching the caller's random stream.
     """
 
+    supports_schedule = False
+
     def __init__(self, num_particles: int = 1, max_plate_nesting: Optional[int] = None):
-        if num_particles < 1:
-            raise ValueError(f"num_particles must be >= 1, got {num_particles}")
+        check_particles(num_particles)
         super().__init__(
             num_particles=num_particles,
             max_plate_nesting=float("inf") if max_plate_nesting is None else max_plate_nesting,
@@ -166,9 +159,7 @@ class EnumELBO(pyro.infer.TraceEnum_ELBO):
         particles) and the minibatch scale ``N / B``."""
         guide = guide if guide is not None else _empty_guide
         if self.max_plate_nesting == float("inf"):
-            from inference.objectives import _guess_plates  # (objectives imports this module)
-
-            self.max_plate_nesting = _guess_plates(model, guide, args, kwargs) + (self.num_particles > 1)
+            self.max_plate_nesting = guess_plates(model, guide, args, kwargs) + (self.num_particles > 1)
         values, scale = [], 1.0
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
             elbo, scale = _per_datapoint_dice_elbo(model_trace, guide_trace)
@@ -186,24 +177,7 @@ class EnumELBO(pyro.infer.TraceEnum_ELBO):
         with torch.no_grad():
             return self.per_datapoint(model, guide, *args, **kwargs)[0]
 
-    def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:
-        return self.loss_terms(model, guide, *args, **kwargs)[0]
 
-    def loss(self, model, guide, *args, **kwargs) -> float:
-        with torch.no_grad():
-            return self.differentiable_loss(model, guide, *args, **kwargs).item()
-
-    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
-        loss = self.differentiable_loss(model, guide, *args, **kwargs)
-        loss.backward()
-        return loss.item()
-
-    # --- no auxiliary state (the runner's uniform interface) ---------------------------------
-    def modules(self) -> List[nn.Module]:
-        return []
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
+@OBJECTIVES.register("elbo-enum", "ELBO with discrete sites marked for enumeration summed out exactly")
+def _elbo_enum(config: ObjectiveConfig, data_spec: Optional[DataSpec] = None) -> EnumELBO:
+    return EnumELBO(config.k)

@@ -1,5 +1,12 @@
 """Estimators of log p(x), one value per datapoint, with standard error and diagnostics.
 
+Every estimator is an :class:`Estimator` registered in ``ESTIMATORS``, built from an
+``EvalConfig`` and called through one signature,
+``estimate(model, x, guide=..., idx=..., size=..., conditions=...) -> Estimate`` for one
+batch; :func:`estimate_dataset` runs any of them over a dataset in batches. Each declares
+the ``EvalConfig`` fields it uses (``settings``), whether it proposes from a guide
+(``uses_guide``), and the summary fields it reports.
+
 * ``exact``: the model's own ``log_prob`` (autoregressive models, flows, PPCA, mixtures).
 * ``naive``: naive Monte Carlo with the prior as proposal,
   ``log (1/K) sum_k p(x | z_k)``, ``z_k ~ p(z)``.
@@ -27,7 +34,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, ClassVar, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -35,10 +42,13 @@ from arviz.stats.stats import _gpdfit  # the GPD fit behind az.psislw; tested ag
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from inference.config import EvalConfig
 from inference.logweights import compute_log_weights
-from models.base import DGMError
+from models.base import DGMError, GenerativeModel
+from models.registry import Registry
 
-METHODS = ("exact", "naive", "is")
+ESTIMATORS = Registry("estimator")
+"""Estimator name -> its class, built from an ``EvalConfig``."""
 
 
 @dataclass
@@ -52,12 +62,14 @@ class Estimate:
     elbo: Tensor  # mean log-weight over the K samples (the ELBO's MC estimate); nan for exact
     method: str
     num_samples: int
+    settings: Optional[Dict[str, object]] = None  # the estimator's settings, as summaries name them
 
     def summary(self) -> dict:
         n = self.log_px.numel()
         khat = self.khat[torch.isfinite(self.khat)]
         return {
             "estimator": self.method,
+            "settings": dict(self.settings or {}),
             "K": self.num_samples,
             "n": n,
             "nll": float(-self.log_px.mean()),
@@ -77,6 +89,7 @@ class Estimate:
             *(torch.cat([getattr(p, f) for p in parts]) for f in ("log_px", "stderr", "ess", "khat", "elbo")),
             method=first.method,
             num_samples=first.num_samples,
+            settings=first.settings,
         )
 
 
@@ -172,19 +185,99 @@ def exact(log_prob: Callable[[Tensor], Tensor], x: Tensor) -> Estimate:
     return Estimate(lp, zeros, torch.full_like(lp, float("inf")), nan, nan, "exact", 0)
 
 
+class Estimator:
+    """Base class: ``estimate`` one batch. ``settings`` names the ``EvalConfig`` fields the
+    estimator uses (shown in summaries as ``{"K": k}`` etc.); ``uses_guide`` says whether it
+    proposes from a guide (and so whether guide diagnostics such as active units apply)."""
+
+    name: ClassVar[str] = ""
+    settings: ClassVar[Tuple[str, ...]] = ()
+    uses_guide: ClassVar[bool] = False
+
+    def __init__(self, config: EvalConfig):
+        self.config = config
+
+    def check(self, model: GenerativeModel) -> None:
+        """Refuse ``model`` with a one-line error if this estimator cannot serve it."""
+
+    def describe_settings(self) -> Dict[str, object]:
+        return {"K" if name == "k" else name: getattr(self.config, name) for name in self.settings}
+
+    def estimate(
+        self, model: GenerativeModel, x: Tensor, *, guide=None, idx=None, size=None, conditions=None
+    ) -> Estimate:
+        raise NotImplementedError
+
+
+@ESTIMATORS.register("exact", "the model's own exact log p(x) (autoregressive models, flows, PPCA, mixtures)")
+class Exact(Estimator):
+    name = "exact"
+
+    def check(self, model: GenerativeModel) -> None:
+        if not model.has_exact_log_prob:
+            raise DGMError(f"{type(model).__name__} has no exact log p(x); use --estimator is (or naive)")
+
+    def estimate(self, model, x, *, guide=None, idx=None, size=None, conditions=None) -> Estimate:
+        return exact(functools.partial(model.log_prob, **conditions) if conditions else model.log_prob, x)
+
+
+class _Sampling(Estimator):
+    settings = ("k",)
+
+    def estimate(self, model, x, *, guide=None, idx=None, size=None, conditions=None) -> Estimate:
+        est = importance(
+            model.model,
+            (guide or model.guide) if self.uses_guide else None,
+            x,
+            num_samples=self.config.k,
+            idx=idx,
+            size=size,
+            max_plate_nesting=model.max_plate_nesting,
+            conditions=conditions,
+        )
+        est.settings = self.describe_settings()
+        return est
+
+
+@ESTIMATORS.register("naive", "naive Monte Carlo: log mean p(x | z_k) over K prior samples")
+class Naive(_Sampling):
+    name = "naive"
+
+
+@ESTIMATORS.register("is", "importance sampling with the guide as proposal, K samples (the IWAE_K bound)")
+class ImportanceSampling(_Sampling):
+    name = "is"
+    uses_guide = True
+
+
+def default_estimator(model: GenerativeModel) -> str:
+    """``auto``: exact where the model has it, else importance sampling."""
+    return "exact" if model.has_exact_log_prob else "is"
+
+
+def make_estimator(config: EvalConfig, model: GenerativeModel) -> Estimator:
+    """The estimator ``config`` names (``auto`` resolved for ``model``), checked against it."""
+    config.check()
+    name = default_estimator(model) if config.estimator == "auto" else config.estimator
+    estimator = ESTIMATORS.get(name).factory(config)
+    estimator.check(model)
+    return estimator
+
+
 def estimate_dataset(
     model,
     data: Tensor,
     *,
-    method: str,
+    method: str = "auto",
     num_samples: int = 1000,
     guide: Optional[Callable] = None,
     batch_size: int = 100,
     progress: bool = True,
     conditions: Optional[Dict[str, Tensor]] = None,
-    **kwargs,
+    estimator: Optional[Estimator] = None,
 ) -> Estimate:
-    """Estimate log p(x) for every row of ``data`` with ``method`` (``exact|naive|is``).
+    """Estimate log p(x) for every row of ``data`` with ``method`` (a name in
+    ``ESTIMATORS``, or ``auto``) and ``num_samples`` (K), or with a ready ``estimator``.
 
     ``model`` is a ``GenerativeModel``; ``guide`` defaults to its amortized guide. The
     guide is called with dataset indices ``idx`` so per-datapoint guides fitted on
@@ -192,38 +285,21 @@ def estimate_dataset(
     ``uses_labels``) are tensors with one row per row of ``data``, sliced like it and passed
     to model and guide (and to ``log_prob`` for ``exact``) as keyword arguments.
     """
-    if method not in METHODS:
-        raise DGMError(f"unknown estimator {method!r}; choose from {', '.join(METHODS)}")
-    if method == "exact" and not model.has_exact_log_prob:
-        raise DGMError(f"{type(model).__name__} has no exact log p(x); use --estimator is (or naive)")
+    if estimator is None:
+        estimator = make_estimator(EvalConfig(estimator=method, k=num_samples, batch_size=batch_size), model)
+    model.check_data(data, "data to estimate log p(x) of")
     n = data.shape[0]
     conditions = conditions or {}
     for key, value in conditions.items():
         if value.shape[:1] != (n,):
             raise DGMError(f"condition {key!r} has {list(value.shape)[:1]} rows, the data {n}; give one per datapoint")
     parts = []
-    bar = tqdm(total=n, desc=f"log p(x) [{method}]", disable=not progress, leave=False, mininterval=2.0)
+    bar = tqdm(total=n, desc=f"log p(x) [{estimator.name}]", disable=not progress, leave=False, mininterval=2.0)
     for start in range(0, n, batch_size):
         x = data[start : start + batch_size]
         cond = {key: value[start : start + batch_size] for key, value in conditions.items()}
-        if method == "exact":
-            parts.append(exact(functools.partial(model.log_prob, **cond) if cond else model.log_prob, x))
-        else:
-            idx = torch.arange(start, start + x.shape[0], device=x.device)
-            proposal = None if method == "naive" else (guide or model.guide)
-            parts.append(
-                importance(
-                    model.model,
-                    proposal,
-                    x,
-                    num_samples=num_samples,
-                    idx=idx,
-                    size=n,
-                    max_plate_nesting=model.max_plate_nesting,
-                    conditions=cond,
-                    **kwargs,
-                )
-            )
+        idx = torch.arange(start, start + x.shape[0], device=x.device)
+        parts.append(estimator.estimate(model, x, guide=guide, idx=idx, size=n, conditions=cond))
         bar.update(x.shape[0])
     bar.close()
     return Estimate.cat(parts)

@@ -52,6 +52,8 @@ from torch import Tensor, nn
 from torch.distributions.transforms import ReshapeTransform, Transform
 from torch.nn import functional as F
 
+from inference.config import GuideConfig
+from inference.guides import GUIDES, Guide
 from models.base import DGMError, GenerativeModel
 from models.nn import MLP
 from models.nn.masked import MaskedLinear, connectivity_mask, order_degrees
@@ -281,7 +283,7 @@ class _PushForward(Messenger):
             msg["fn"] = self.guide.push_forward(msg["name"], msg["fn"])
 
 
-class FlowGuide(nn.Module):
+class FlowGuide(Guide):
     """``base_guide`` (default ``model.guide``) with every real latent site pushed through
     ``depth`` amortized flow steps of kind ``flow`` (``iaf``, ``planar`` or ``radial``).
 
@@ -368,3 +370,17 @@ class FlowGuide(nn.Module):
     def forward(self, *args, **kwargs):
         with _PushForward(self):
             return self.base(*args, **kwargs)
+
+    def describe(self) -> str:
+        return f"{self.flow} x{self.depth}"
+
+
+def _flow_factory(flow: str):
+    def build(config: GuideConfig, model: GenerativeModel, data: Tensor) -> FlowGuide:
+        return FlowGuide(model, data, flow, depth=config.flow_depth, hidden=config.flow_hidden)
+
+    return build
+
+
+for _flow, _what in (("iaf", "inverse autoregressive"), ("planar", "planar"), ("radial", "radial")):
+    GUIDES.add(_flow, _flow_factory(_flow), f"the encoder's q(z | x) pushed through --flow-depth {_what} flow steps")

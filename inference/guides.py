@@ -1,4 +1,16 @@
-"""Guides that are interchangeable for the same model.
+"""Guides that are interchangeable for the same model: one interface, one registry.
+
+Every guide is a :class:`Guide`: an ``nn.Module`` whose call is the Pyro guide program
+``guide(x, idx=None, size=None, **conditions)``, whose parameters are the ones it holds
+beyond the model's (none for the model's own encoder), and which declares its policy:
+
+* ``refit_on_new_data``: its parameters belong to the training datapoints, so held-out
+  data needs a guide fitted afresh (``for_data`` does it, with the model frozen);
+* ``is_model_guide``: it is the model's own guide (it receives the model's label keyword,
+  and objectives that fit the model alone accept it).
+
+The runner and the experiments read these declarations; they never compare guide names.
+Guides are registered in ``GUIDES`` with a factory ``(GuideConfig, model, data) -> Guide``.
 
 * ``amortized``: the model's own encoder (``model.guide``); one network maps every x to
   its q(z | x).
@@ -18,7 +30,7 @@ the best local guide's ELBO minus the encoder's ELBO, >= 0 at the optimum.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, ClassVar, Dict, Optional, Tuple, Union
 
 import pyro
 import pyro.distributions as dist
@@ -29,11 +41,47 @@ from pyro.distributions.transforms import biject_to
 from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor, nn
 
-from inference.flow_guides import STEPS as FLOW_STEPS
-from inference.flow_guides import FlowGuide
+from inference.config import GuideConfig
 from models.base import DATA_PLATE, DGMError, GenerativeModel
+from models.registry import Registry
 
-GUIDES = ("amortized", "local") + tuple(FLOW_STEPS)
+GUIDES = Registry("guide")
+"""Guide name -> factory ``(config: GuideConfig, model, data: Tensor) -> Guide``."""
+
+
+class Guide(nn.Module):
+    """Base class of every guide (see the module docstring)."""
+
+    refit_on_new_data: ClassVar[bool] = False
+    is_model_guide: ClassVar[bool] = False
+
+    def describe(self) -> str:
+        """The guide as a run summary names it."""
+        return type(self).__name__
+
+    def for_data(self, model: GenerativeModel, x: Tensor, *, num_particles: int = 1, train=None) -> "Guide":
+        """A guide for the (held-out) data ``x``: this one, unless ``refit_on_new_data``."""
+        return self
+
+
+@GUIDES.register("amortized", "the model's own encoder q(z | x), shared by every datapoint")
+class AmortizedGuide(Guide):
+    """The model's own guide (``model.guide``). It holds no parameters of its own: the
+    encoder is part of the model, trained and checkpointed with it."""
+
+    is_model_guide = True
+
+    def __init__(self, config: Optional[GuideConfig] = None, model: Optional[GenerativeModel] = None, data=None):
+        super().__init__()
+        if model is None:
+            raise DGMError("the amortized guide needs the model whose encoder it is")
+        self._program = model.guide  # a bound method: the model is not registered as a submodule
+
+    def forward(self, *args, **kwargs):
+        return self._program(*args, **kwargs)
+
+    def describe(self) -> str:
+        return "amortized"
 
 
 @dataclass(frozen=True)
@@ -78,11 +126,14 @@ def _latent_sites(model: GenerativeModel, x: Tensor) -> Dict[str, _Site]:
     return sites
 
 
-class LocalGuide(nn.Module):
+class LocalGuide(Guide):
     """Per-datapoint variational parameters for a dataset of ``num_data`` rows."""
 
-    def __init__(self, model: GenerativeModel, data: Tensor, init_scale: float = 0.1):
+    refit_on_new_data = True
+
+    def __init__(self, model: GenerativeModel, data: Tensor, init_scale: float = 0.1, refit_epochs: int = 20):
         super().__init__()
+        self.refit_epochs = refit_epochs
         self.num_data = data.shape[0]
         self.sites = _latent_sites(model, data[: min(2, self.num_data)])
         self.loc = nn.ParameterDict()
@@ -135,22 +186,34 @@ class LocalGuide(nn.Module):
                 self.raw_scale[name][idx] = std + torch.log(-torch.expm1(-std))  # softplus^-1
         return self
 
+    def describe(self) -> str:
+        return "local"
 
-def build_guide(
-    kind: str, model: GenerativeModel, data: Tensor, *, flow_depth: int = 2, flow_hidden: Optional[int] = None
-) -> Tuple[Callable, Optional[nn.Module]]:
-    """Return ``(guide_callable, extra_module)``; ``extra_module`` holds parameters the model
-    does not (``None`` for the amortized guide, whose encoder is part of the model).
+    def for_data(self, model: GenerativeModel, x: Tensor, *, num_particles: int = 1, train=None) -> "LocalGuide":
+        """A fresh local guide fitted on ``x`` with the model frozen: ``refit_epochs`` epochs
+        of the ELBO with ``num_particles`` samples, the optimizer settings of ``train``."""
+        from inference.runner import fit_local_guide  # the runner builds guides: import at use
 
-    ``iaf``, ``planar`` and ``radial`` push the encoder's q(z | x) through ``flow_depth``
-    amortized flow steps (``inference.flow_guides``) with hidden width ``flow_hidden``
-    (default ``max(16, 4 * latent size)``)."""
-    if kind == "amortized":
-        return model.guide, None
-    if kind == "local":
-        g = LocalGuide(model, data)
-        return g, g
-    if kind in FLOW_STEPS:
-        g = FlowGuide(model, data, kind, depth=flow_depth, hidden=flow_hidden)
-        return g, g
-    raise DGMError(f"unknown guide {kind!r}; choose from {', '.join(GUIDES)}")
+        return fit_local_guide(model, x, num_particles, train, epochs=self.refit_epochs)
+
+
+@GUIDES.register("local", "one set of variational parameters per datapoint, refitted on held-out data")
+def _local(config: GuideConfig, model: GenerativeModel, data: Tensor) -> LocalGuide:
+    return LocalGuide(model, data, refit_epochs=config.refit_epochs)
+
+
+def build_guide(config: Union[GuideConfig, str], model: GenerativeModel, data: Tensor, **settings) -> Guide:
+    """The guide ``config`` names (a :class:`GuideConfig`, or a registered name with its
+    settings as keywords: ``build_guide("iaf", model, x, flow_depth=4)``) for ``model``,
+    sized on ``data`` (the training set)."""
+    if isinstance(config, str):
+        config = GuideConfig(name=config, **settings)
+    config.check()
+    factory = GUIDES.get(config.name).factory
+    declares_model_guide = isinstance(factory, type) and issubclass(factory, Guide) and factory.is_model_guide
+    if model.uses_labels and not declares_model_guide:  # refused before tracing the model without labels
+        raise DGMError(
+            f"{type(model).__name__} takes class labels and only its own (amortized) guide receives them; "
+            f"use --guide amortized instead of {config.name}"
+        )
+    return factory(config, model, data)

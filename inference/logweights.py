@@ -111,7 +111,7 @@ def _data_dim(site) -> Optional[int]:
     return None
 
 
-def _data_frame(trace):
+def data_frame(trace):
     """The ``"data"`` plate's frame (its ``size`` is the batch, ``full_size`` the dataset)."""
     for _, site in _sample_sites(trace):
         for frame in site["cond_indep_stack"]:
@@ -159,7 +159,7 @@ def compute_log_weights(
             guide_fn = _DetachSamples()(guide_fn)
         guide_trace = poutine.trace(guide_fn).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(particles(model), trace=guide_trace)).get_trace(*args, **kwargs)
-    frame = _data_frame(model_trace)
+    frame = data_frame(model_trace)
     shape = (num_particles, frame.size)
     lik, prior, q, q_sf, kls, kl_free = [], [], [], [], [], []
     has_sf = False

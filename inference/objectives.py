@@ -16,8 +16,9 @@ plus score-function terms of non-reparameterized sites). The loss is
   is the ELBO. Equal to Pyro's ``RenyiELBO(alpha=0)`` for a batch of one datapoint; for
   larger batches Pyro sums the batch before the logsumexp, a looser joint bound.
 
-They subclass ``pyro.infer.ELBO``, so ``pyro.infer.SVI(model, guide, optim, IWAE(K))``
-works, and they also give ``loss_terms`` (loss plus per-term diagnostics) to our runner.
+They implement ``inference.objective.Objective`` (the runner's one interface) and subclass
+``pyro.infer.ELBO``, so ``pyro.infer.SVI(model, guide, optim, IWAE(K))`` works too; each is
+registered in ``OBJECTIVES`` under the name ``dgm train --objective`` takes.
 
 A ``KLSchedule`` (``inference.schedules``: KL annealing, free bits) attached with
 ``set_schedule`` changes the training loss only: ``loss_terms`` then optimizes the
@@ -34,32 +35,29 @@ model metrics (``add_metric``) join the terms as they are. The bound never inclu
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import pyro
 import pyro.infer
 import torch
 from torch import Tensor, nn
 
-from inference.enum import EnumELBO
+from inference.config import ObjectiveConfig
 from inference.logweights import LogWeights, compute_log_weights
+from inference.objective import OBJECTIVES, Objective, Terms, check_particles, guess_plates
 from inference.schedules import KLSchedule, kl_groups, recording
-from models.base import AuxTerms, DGMError, collect_aux_terms
-
-Terms = Dict[str, Tensor]
+from models.base import AuxTerms, DataSpec, DGMError, collect_aux_terms
 
 
-class LogWeightObjective(pyro.infer.ELBO):
+class LogWeightObjective(Objective, pyro.infer.ELBO):
     """Base class: subclasses override ``reduce`` (and optionally ``aux_loss``)."""
 
     force_score_function = False
     analytic_kl = False
     schedule: Optional[KLSchedule] = None
-    supports_free_bits = False  # free bits floor a minibatch KL: defined for the ELBO only
 
     def __init__(self, num_particles: int = 1, max_plate_nesting: Optional[int] = None):
-        if num_particles < 1:
-            raise ValueError(f"num_particles must be >= 1, got {num_particles}")
+        check_particles(num_particles)
         super().__init__(num_particles=num_particles, vectorize_particles=True)
         self.model_plates = max_plate_nesting
 
@@ -88,7 +86,7 @@ class LogWeightObjective(pyro.infer.ELBO):
     # --- shared machinery -------------------------------------------------------------
     def log_weights(self, model: Callable, guide: Optional[Callable], *args, **kwargs) -> LogWeights:
         if self.model_plates is None:
-            self.model_plates = _guess_plates(model, guide, args, kwargs)
+            self.model_plates = guess_plates(model, guide, args, kwargs)
         return compute_log_weights(
             model,
             guide,
@@ -171,18 +169,6 @@ class LogWeightObjective(pyro.infer.ELBO):
         terms.update({f"kl/{name}": g.detach().sum(-1).mean() for name, g in groups.items()})
         return loss, terms
 
-    def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:
-        return self.loss_terms(model, guide, *args, **kwargs)[0]
-
-    def loss(self, model, guide, *args, **kwargs) -> float:
-        with torch.no_grad():
-            return self.loss_terms(model, guide, *args, train=False, **kwargs)[0].item()
-
-    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
-        loss = self.differentiable_loss(model, guide, *args, **kwargs)
-        loss.backward()
-        return loss.item()
-
     def bound(self, model, guide, *args, **kwargs) -> Tensor:
         """The per-datapoint bound ``[B]`` without gradients (for evaluation)."""
         with torch.no_grad():
@@ -191,36 +177,13 @@ class LogWeightObjective(pyro.infer.ELBO):
     def _get_trace(self, model, guide, args, kwargs):
         raise NotImplementedError("log-weight objectives build their own traces")
 
-    # --- auxiliary state (baselines) for the runner's optimizer and checkpoints --------
-    def modules(self) -> List[nn.Module]:
-        return []
-
+    # --- auxiliary state (the schedule) for checkpoints ----------------------------------
     def state_dict(self) -> dict:
         return {} if self.schedule is None else {"schedule": self.schedule.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         if self.schedule is not None and "schedule" in state:
             self.schedule.load_state_dict(state["schedule"])
-
-
-def _guess_plates(model, guide, args, kwargs) -> int:
-    """Count the model's vectorized plates by running the pair once (as Pyro's ELBO does),
-    without consuming the caller's random stream (nor adding auxiliary losses, nor updating
-    model state)."""
-    with pyro.poutine.block(), torch.random.fork_rng(devices=[]), collect_aux_terms(train=False):
-        guide_trace = pyro.poutine.trace(guide).get_trace(*args, **kwargs) if guide else None
-        fn = pyro.poutine.replay(model, trace=guide_trace) if guide_trace else model
-        model_trace = pyro.poutine.trace(fn).get_trace(*args, **kwargs)
-    dims = [
-        frame.dim
-        for trace in (model_trace, guide_trace)
-        if trace is not None
-        for site in trace.nodes.values()
-        if site["type"] == "sample"
-        for frame in site["cond_indep_stack"]
-        if frame.vectorized
-    ]
-    return -min(dims) if dims else 0
 
 
 class ELBO(LogWeightObjective):
@@ -358,48 +321,30 @@ class IWAE(LogWeightObjective):
         return bound.expand_as(lw.log_w)
 
 
-OBJECTIVES = {
-    "elbo": "ELBO, reparameterized gradients (analytic KL with --analytic-kl)",
-    "elbo-sf": "ELBO, score-function gradients for every guide site, with a baseline",
-    "iwae": "importance-weighted bound with K samples per datapoint",
-    "elbo-enum": "ELBO with discrete sites marked for enumeration summed out exactly",
-    "em": "closed-form EM steps on the whole training set (models with em_update: mixtures, PPCA)",
-}
+def _check_baseline(config: ObjectiveConfig) -> None:
+    if config.baseline not in BASELINES:
+        raise DGMError(f"unknown baseline {config.baseline!r}; choose from {', '.join(BASELINES)}")
+
+
 BASELINES = ("none", "average", "neural")
 
 
-def make_objective(
-    name: str,
-    k: int = 1,
-    *,
-    analytic_kl: bool = False,
-    baseline: str = "average",
-    input_dim: Optional[int] = None,
-    schedule: Optional[KLSchedule] = None,
-) -> LogWeightObjective:
-    """Build an objective from the names the ``dgm`` command takes (``schedule``: KL
-    annealing and free bits, ``inference.schedules``)."""
-    if k < 1:
-        raise DGMError(f"--k must be >= 1, got {k}")
-    if schedule is not None:
-        if name in ("elbo-enum", "em"):
-            raise DGMError(f"KL annealing and free bits are not available with {name}; use elbo or iwae")
-        objective = make_objective(name, k, analytic_kl=analytic_kl, baseline=baseline, input_dim=input_dim)
-        return objective.set_schedule(schedule)
-    if name == "elbo":
-        return ELBO(k, analytic_kl=analytic_kl)
-    if name == "elbo-sf":
-        if baseline not in BASELINES:
-            raise DGMError(f"unknown baseline {baseline!r}; choose from {', '.join(BASELINES)}")
-        return ScoreFunctionELBO(
-            k, decay=None if baseline == "none" else 0.9, neural_baseline=baseline == "neural", input_dim=input_dim
-        )
-    if name == "iwae":
-        return IWAE(k)
-    if name == "elbo-enum":
-        return EnumELBO(k)
-    if name == "em":
-        from inference.em import ClosedFormEM
+@OBJECTIVES.register("elbo", "ELBO, reparameterized gradients (analytic KL with --analytic-kl)")
+def _elbo(config: ObjectiveConfig, data_spec: Optional[DataSpec] = None) -> ELBO:
+    return ELBO(config.k, analytic_kl=config.analytic_kl)
 
-        return ClosedFormEM()
-    raise DGMError(f"unknown objective {name!r}; choose from {', '.join(OBJECTIVES)}")
+
+@OBJECTIVES.register("elbo-sf", "ELBO, score-function gradients for every guide site, with a baseline")
+def _elbo_sf(config: ObjectiveConfig, data_spec: Optional[DataSpec] = None) -> ScoreFunctionELBO:
+    _check_baseline(config)
+    return ScoreFunctionELBO(
+        config.k,
+        decay=None if config.baseline == "none" else 0.9,
+        neural_baseline=config.baseline == "neural",
+        input_dim=None if data_spec is None else data_spec.dim,
+    )
+
+
+@OBJECTIVES.register("iwae", "importance-weighted bound with K samples per datapoint")
+def _iwae(config: ObjectiveConfig, data_spec: Optional[DataSpec] = None) -> IWAE:
+    return IWAE(config.k)

@@ -26,78 +26,42 @@ import math
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Protocol
+from typing import Dict, List, Optional, Protocol, Union
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from inference.diagnostics import active_units
-from inference.estimators import estimate_dataset
-from inference.guides import build_guide
-from inference.objectives import ELBO, LogWeightObjective
+from inference.config import EvalConfig, GuideConfig, TrainConfig
+from inference.device import eval_mode, resolve_device
+from inference.evaluation import evaluate
+from inference.guides import Guide, build_guide
+from inference.objective import Objective
 from models.base import DGMError, GenerativeModel
+
+__all__ = ["Runner", "TrainConfig", "EvalConfig", "fit_local_guide", "load_state", "CHECKPOINT", "BEST", "FINAL"]
+
+CHECKPOINT, BEST, FINAL = "checkpoint.pt", "best.pt", "final.pt"
+"""A run directory's weights: the resumable state, the best validation weights, and the
+weights training ended on (best validation weights after ``after_fit``), which
+``experiments.runs.load_run`` restores without any training or data pass."""
 
 
 class DataSource(Protocol):
     """What the runner needs of a dataset (``experiments.data.Dataset`` is one); a model
-    with ``uses_labels`` also needs ``train_labels``, ``val_labels`` and ``test_labels``."""
+    with ``uses_labels`` also needs ``train_labels``, ``val_labels`` and ``test_labels``
+    (``None`` where a split has none). ``dynamic``: ``train`` holds probabilities that
+    ``train_epoch`` binarizes afresh each epoch."""
 
+    name: str
     train: Tensor
-    val: Tensor
-    test: Tensor
+    val: Optional[Tensor]
+    test: Optional[Tensor]
+    dynamic: bool
 
     def train_epoch(self, generator: torch.Generator) -> Tensor: ...
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 100
-    lr: float = 1e-3
-    adam_eps: float = 1e-4
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    log_every: int = 50  # steps between host syncs (metrics lines)
-    validate: bool = True
-    patience: Optional[int] = None  # epochs without validation improvement before stopping
-    checkpoint_seconds: float = 60.0  # also checkpoint mid-epoch this often
-    max_steps: Optional[int] = None  # stop early (tests, smoke runs)
-    eval_estimator: str = "auto"  # auto: exact if the model has it, else is
-    eval_k: int = 1000
-    eval_limit: Optional[int] = None  # evaluate on the first n test points only
-    eval_batch_size: int = 100
-    local_eval_epochs: int = 20  # fitting a local guide on held-out data (decoder frozen)
-    progress: bool = True
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DGMError(
-            "--device cuda, but torch sees no CUDA device; install a CUDA build of torch or use --device cpu"
-        )
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise DGMError(f"unknown device {name!r}; use auto, cpu or cuda")
-    return torch.device(name)
-
-
-@contextmanager
-def eval_mode(*modules: Optional[nn.Module]):
-    """Evaluate in eval mode (mask ensembles, dropout, batch norm), then restore each
-    module's mode."""
-    modules = [m for m in modules if m is not None]
-    modes = [m.training for m in modules]
-    for m in modules:
-        m.eval()
-    try:
-        yield
-    finally:
-        for m, mode in zip(modules, modes):
-            m.train(mode)
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -108,6 +72,26 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def load_state(path: Path, device: Union[str, torch.device] = "cpu") -> dict:
+    """Read a checkpoint written by the runner without executing any code: only tensors,
+    numbers, strings and containers of them are accepted (``weights_only=True``). A file
+    that is damaged, or needs more than that, is refused in one line naming the file."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise DGMError(f"{path} does not exist; train the run first (`dgm train`)") from None
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DGMError(
+            f"cannot read {path}: it is damaged or is not a pyro-dgm checkpoint ({first[:200]}); "
+            "delete it (and retrain or resume from another copy)"
+        ) from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise DGMError(f"{path} is not a pyro-dgm checkpoint (no model weights); delete it")
+    return state
+
+
 class MetricsLog:
     """Append-only JSONL; on resume, lines past the checkpoint's step are dropped."""
 
@@ -115,10 +99,20 @@ class MetricsLog:
         self.path = path
 
     def truncate_after(self, step: int) -> None:
+        """Keep the records up to ``step``; a torn line (a kill while appending) is dropped."""
         if self.path is None or not self.path.exists():
             return
-        keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
-        self.path.write_text("".join(ln + "\n" for ln in keep))
+        keep = []
+        for line in self.path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # torn by a kill mid-write: nothing after it was written either
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                keep.append(line)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, self.path)
 
     def write(self, record: dict) -> None:
         if self.path is not None:
@@ -126,20 +120,90 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
+MAX_ROLLBACKS = 3
+ROLLBACK_LR_FACTOR = 0.1
+DIVERGENCE_FACTOR = 100.0
+"""Divergence: a non-finite loss, validation bound or parameter, or a training loss per
+datapoint above ``DIVERGENCE_FACTOR`` times a reference: the code length of the uniform
+distribution, ``D log K`` nats, for discrete data (no trained model should be 100 times
+worse than chance; a VAE starts near 1x), else the first logged loss's magnitude (at least
+1 nat). The runner then rolls back to the last good checkpoint, multiplies the learning
+rate by ``ROLLBACK_LR_FACTOR`` and goes on, at most ``MAX_ROLLBACKS`` times per run."""
+
+
+STEP_VALUES_PER_DATUM = 16
+
+
+def free_memory(device: torch.device) -> Optional[int]:
+    """Bytes free on ``device`` (``None`` where it cannot be read)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+class _Diverged(Exception):
+    def __init__(self, what: str, step: int):
+        super().__init__(what)
+        self.what, self.step = what, step
+
+
+_HELD_LOCKS: set = set()
+
+
+@contextmanager
+def run_lock(run_dir: Optional[Path]):
+    """Hold an exclusive lock on ``run_dir`` (a second process training there is refused
+    in one line); re-entrant within one process; no-op without a directory."""
+    if run_dir is None:
+        yield
+        return
+    path = (Path(run_dir) / ".lock").resolve()
+    if path in _HELD_LOCKS:
+        yield
+        return
+    import fcntl
+
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise DGMError(
+                f"another process is training in {run_dir}; wait for it to finish or use another --run-dir"
+            ) from None
+        _HELD_LOCKS.add(path)
+        try:
+            yield
+        finally:
+            _HELD_LOCKS.discard(path)
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 class Runner:
-    """Fits ``model`` (with the chosen guide) to ``data`` by minimising ``objective``."""
+    """Fits ``model`` (with the chosen guide) to ``data`` by minimising ``objective``.
+
+    ``guide`` is a :class:`~inference.guides.Guide`, or the name of a registered one
+    (built with ``guide_options``, the fields of ``GuideConfig``). ``evaluation`` sets the
+    held-out evaluation of :meth:`evaluate` (and the validation batch size).
+    """
 
     def __init__(
         self,
         model: GenerativeModel,
         data: DataSource,
-        objective: LogWeightObjective,
-        guide: str = "amortized",
+        objective: Objective,
+        guide: Union[str, Guide] = "amortized",
         config: Optional[TrainConfig] = None,
         run_dir: Optional[Path] = None,
         guide_options: Optional[Dict] = None,
+        evaluation: Optional[EvalConfig] = None,
     ):
         self.config = config or TrainConfig()
+        self.config.check()
+        self.evaluation = evaluation or EvalConfig()
+        self.evaluation.check()
         self.device = resolve_device(self.config.device)
         torch.manual_seed(self.config.seed)
         self.model = model.to(self.device)
@@ -148,36 +212,59 @@ class Runner:
             x = getattr(data, split)
             if x is not None and x.shape[0]:
                 model.check_data(
-                    x
-                    if split != "train" or not getattr(data, "dynamic", False)
-                    else data.train_epoch(torch.Generator().manual_seed(0)),
+                    data.train_epoch(torch.Generator().manual_seed(0)) if split == "train" and data.dynamic else x,
                     f"{split} data",
                 )
         self.labels = self._labels(model, data) if model.uses_labels else None
-        if model.uses_labels and guide != "amortized":
+        objective.check(model)
+        self.objective = objective
+        if isinstance(guide, str):
+            guide = build_guide(GuideConfig(name=guide, **(guide_options or {})), model, data.train.to(self.device))
+        if model.uses_labels and not guide.is_model_guide:
             raise DGMError(
                 f"{type(model).__name__} takes class labels and only its own (amortized) guide receives them; "
-                f"use --guide amortized instead of {guide}"
+                f"use --guide amortized instead of {guide.describe()}"
             )
-        self.objective = objective
-        self.closed_form = getattr(objective, "closed_form", False)  # EM: closed-form steps, no gradients
-        if self.closed_form:
-            objective.check(model)
-            if guide != "amortized":
-                raise DGMError("closed-form EM steps use no guide; drop --guide")
-        self.guide_kind = guide
-        self.guide, self.guide_module = build_guide(guide, model, data.train.to(self.device), **(guide_options or {}))
-        if self.guide_module is not None:
-            self.guide_module.to(self.device)
+        if not objective.uses_guide and not guide.is_model_guide:
+            raise DGMError(f"{type(objective).__name__} fits the model alone and uses no guide; drop --guide")
+        self.guide = guide.to(self.device)
         for m in objective.modules():
             m.to(self.device)
         self.params = self._collect_params()
+        self._check_memory()
         self.optimizer = torch.optim.Adam(self.params, lr=self.config.lr, eps=self.config.adam_eps)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         if self.run_dir is not None:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise DGMError(
+                    f"cannot create the run directory {self.run_dir}: {e.strerror}; choose another --run-dir"
+                ) from None
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl" if self.run_dir else None)
         self._best_model: Optional[dict] = None
+        self._last_good: Optional[dict] = None  # without a run directory: the last checkpoint, in memory
+        self._divergence_limit: Optional[float] = None
+        self._resume_from: Optional[dict] = None  # the state a rollback restored
+
+    def _check_memory(self) -> None:
+        """Refuse, before allocating anything, a step that cannot fit: K x B x D values of
+        the data's size per particle (log-likelihood terms, their gradients and the decoder's
+        outputs, about ``STEP_VALUES_PER_DATUM`` of them) plus the parameters with their
+        gradients and Adam's two moments, against the device's free memory."""
+        batch = self.data.train.shape[0] if self.objective.full_batch else self.config.batch_size
+        values = self.objective.num_particles * batch * self.model.data_spec.dim * STEP_VALUES_PER_DATUM
+        values += 4 * sum(p.numel() for p in self.params)
+        need = values * torch.finfo(self.model.dtype).bits // 8
+        free = free_memory(self.device)
+        if free is not None and need > free:
+            per_particle = max(1, need // max(self.objective.num_particles, 1))
+            raise DGMError(
+                f"one training step needs about {need / 2**30:.1f} GiB (K={self.objective.num_particles} samples x "
+                f"batch {batch} x {self.model.data_spec.dim} values, and the parameters), but {self.device} has "
+                f"{free / 2**30:.1f} GiB free; use --k {max(1, free // per_particle)} or less, "
+                "or a smaller --batch-size"
+            )
 
     def _labels(self, model: GenerativeModel, data: DataSource) -> Dict[str, Tensor]:
         """The labels of every non-empty split, checked and on the device."""
@@ -186,11 +273,11 @@ class Runner:
             x = getattr(data, split)
             if x is None or not x.shape[0]:
                 continue
-            y = getattr(data, f"{split}_labels", None)
+            y = getattr(data, f"{split}_labels")
             if y is None:
                 raise DGMError(
                     f"{type(model).__name__} needs class labels, but the {split} data of "
-                    f"{getattr(data, 'name', 'this dataset')} has none; use a labelled dataset "
+                    f"{data.name} has none; use a labelled dataset "
                     "(mnist, mnist-logit, mnist-embedded or digits)"
                 )
             model.check_labels(y, x.shape[0], f"{split} labels")
@@ -206,8 +293,7 @@ class Runner:
         return {"y": y if rows is None else y[rows]}
 
     def _collect_params(self) -> List[nn.Parameter]:
-        modules = [self.model] + ([self.guide_module] if self.guide_module is not None else [])
-        modules += self.objective.modules()
+        modules = [self.model, self.guide] + self.objective.modules()
         params = [p for m in modules for p in m.parameters() if p.requires_grad]
         if not params:
             raise DGMError("nothing to train: the model, guide and objective have no parameters")
@@ -216,12 +302,12 @@ class Runner:
     # --- checkpoints ----------------------------------------------------------------------
     @property
     def checkpoint_path(self) -> Optional[Path]:
-        return self.run_dir / "checkpoint.pt" if self.run_dir else None
+        return self.run_dir / CHECKPOINT if self.run_dir else None
 
     def _state(self, progress: dict) -> dict:
         return {
             "model": self.model.state_dict(),
-            "guide": self._guide_state(),
+            "guide": self.guide.state_dict(),
             "objective": self.objective.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(),
@@ -229,25 +315,24 @@ class Runner:
             **progress,
         }
 
-    def _guide_state(self) -> Optional[dict]:
-        """Parameters of a guide the model does not hold (local and flow guides)."""
-        return self.guide_module.state_dict() if self.guide_module is not None else None
-
     def save_checkpoint(self, progress: dict) -> None:
+        """Save the resumable state (to ``checkpoint.pt``, or in memory without a run
+        directory); state with non-finite parameters is never saved: it is a divergence."""
+        if not all(bool(torch.isfinite(p).all()) for p in self.params):
+            raise _Diverged("a parameter became non-finite", progress["step"])
         if self.checkpoint_path is not None:
             _atomic_save(self._state(progress), self.checkpoint_path)
+        else:
+            self._last_good = _detached(self._state(progress))
 
     def _restore(self) -> Optional[dict]:
         path = self.checkpoint_path
         if path is None or not path.exists():
             return None
-        try:
-            state = torch.load(path, map_location=self.device, weights_only=False)
-        except Exception as e:  # a torn file cannot happen (atomic writes), a foreign one can
-            raise DGMError(f"cannot read checkpoint {path}: {e}; delete it to start over") from e
-        self.model.load_state_dict(state["model"])
-        if self.guide_module is not None and state["guide"] is not None:
-            self.guide_module.load_state_dict(state["guide"])
+        return self._restore_state(load_state(path, self.device), path)
+
+    def _restore_state(self, state: dict, path: Path) -> dict:
+        self._load_weights(state, path)
         self.objective.load_state_dict(state["objective"])
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"].cpu())
@@ -256,10 +341,46 @@ class Runner:
         self.metrics.truncate_after(state["step"])
         return state
 
+    def _load_weights(self, state: dict, path: Path) -> None:
+        """Model and guide weights from ``state`` (read from ``path``), refused in one line
+        when they belong to another model or guide."""
+        load_weights(self.model, self.guide, state, path)
+
     # --- the loop ---------------------------------------------------------------------------
     def fit(self) -> Dict:
         """Train until ``epochs`` (or early stopping / ``max_steps``), resuming from a
-        checkpoint in ``run_dir`` if there is one. Returns the training summary."""
+        checkpoint in ``run_dir`` if there is one. Returns the training summary.
+
+        A divergence (see ``DIVERGENCE_FACTOR``) rolls back to the last good checkpoint with
+        the learning rate lowered, logged as a ``rollback`` record in ``metrics.jsonl``; after
+        ``MAX_ROLLBACKS`` of them training stops with a one-line error."""
+        with run_lock(self.run_dir):
+            while True:
+                try:
+                    return self._fit()
+                except _Diverged as d:
+                    self._roll_back(d)
+
+    def _roll_back(self, d: "_Diverged") -> None:
+        state = load_state(self.checkpoint_path, self.device) if self.checkpoint_path else self._last_good
+        rollbacks = state.get("rollbacks", 0) + 1
+        if rollbacks > MAX_ROLLBACKS:
+            raise DGMError(
+                f"training diverged ({d.what} at step {d.step}) again after {MAX_ROLLBACKS} rollbacks, each with "
+                f"the learning rate x{ROLLBACK_LR_FACTOR:g}; start with a lower --lr (now {self.config.lr:g}), "
+                "or check the data and the model's options"
+            )
+        self._restore_state(state, self.checkpoint_path or Path("in-memory checkpoint"))
+        lr = None
+        for group in self.optimizer.param_groups:
+            group["lr"] *= ROLLBACK_LR_FACTOR
+            lr = group["lr"]
+        state["rollbacks"] = rollbacks
+        record = {"step": state["step"], "split": "rollback", "reason": d.what, "at_step": d.step, "lr": lr}
+        self.metrics.write(record)
+        self._resume_from = state
+
+    def _fit(self) -> Dict:
         cfg = self.config
         gen = torch.Generator().manual_seed(cfg.seed + 12345)
         progress = {
@@ -271,10 +392,16 @@ class Runner:
             "bad_epochs": 0,
             "train_seconds": 0.0,
             "done": False,
+            "rollbacks": 0,
         }
-        resumed = self._restore()
+        resumed, rolled_back = self._resume_from, self._resume_from is not None
+        self._resume_from = None
+        if resumed is None:
+            resumed = self._restore()
         if resumed is not None:
-            progress = {k: resumed[k] for k in progress}
+            progress = {k: resumed.get(k, v) for k, v in progress.items()}
+        if resumed is None or rolled_back:
+            self.save_checkpoint(progress)  # the state to roll back to (with a lowered learning rate)
         n = self.data.train.shape[0]
         start = time.time() - progress["train_seconds"]
         last_ckpt = time.time()
@@ -282,7 +409,7 @@ class Runner:
             gen.set_state(progress["data_rng"])  # the epoch's data, reproducibly
             x_epoch = self.data.train_epoch(gen).to(self.device)
             perm = torch.randperm(n, generator=gen).to(self.device)
-            batch_size = n if self.closed_form else cfg.batch_size  # an EM step sees every datapoint
+            batch_size = n if self.objective.full_batch else cfg.batch_size  # an EM step sees every datapoint
             num_batches = math.ceil(n / batch_size)
             sums, count = None, 0
             bar = tqdm(
@@ -326,63 +453,66 @@ class Runner:
         progress["done"] = True
         self.save_checkpoint(progress)
         best = self._best_model
-        if self.run_dir is not None and (self.run_dir / "best.pt").exists():
-            best = torch.load(self.run_dir / "best.pt", map_location=self.device)
+        if self.run_dir is not None and (self.run_dir / BEST).exists():
+            best = load_state(self.run_dir / BEST, self.device)
         if best is not None:
-            self.model.load_state_dict(best["model"])
-            if self.guide_module is not None and best.get("guide") is not None:
-                self.guide_module.load_state_dict(best["guide"])
+            self._load_weights(best, self.run_dir / BEST if self.run_dir else Path("best weights"))
         self.model.after_fit(self.data.train)
+        if self.run_dir is not None:
+            _atomic_save({"model": self.model.state_dict(), "guide": self.guide.state_dict()}, self.run_dir / FINAL)
         return progress
 
     def _step(self, x: Tensor, idx: Tensor, n: int, step: int) -> Dict[str, Tensor]:
-        """One optimizer step on the minibatch ``x`` (rows ``idx`` of ``n``), or one
-        closed-form step of a closed-form objective; returns the detached terms."""
-        if self.closed_form:
-            return self.objective.step(self.model, x)
-        if hasattr(self.objective, "set_step"):  # KL schedules (EnumELBO has none)
-            self.objective.set_step(step)
-        loss, terms = self.objective.loss_terms(
-            self.model.model, self.guide, x, idx, n, **self._conditions("train", idx)
+        """One step of the objective on the minibatch ``x`` (rows ``idx`` of ``n``); returns
+        the detached terms."""
+        self.objective.set_step(step)
+        return self.objective.train_step(
+            self.model, self.guide, x, idx, n, self.optimizer, self._conditions("train", idx)
         )
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        terms["loss"] = loss.detach() / n
-        return terms
 
     def _log_train(self, step: int, epoch: float, sums: Dict[str, Tensor], count: int) -> Dict[str, float]:
         """Write the mean of the training terms since the last record; refuse a non-finite loss."""
         record = {k: float(v) / count for k, v in sums.items()}
         if not math.isfinite(record["loss"]):
-            raise DGMError(
-                f"the loss became {record['loss']} at step {step}; lower --lr "
-                "or check the data (the last good checkpoint is kept)"
-            )
+            raise _Diverged(f"the loss became {record['loss']}", step)
+        if self._divergence_limit is None:
+            self._divergence_limit = DIVERGENCE_FACTOR * self._reference_loss(record["loss"])
+        if record["loss"] > self._divergence_limit:
+            raise _Diverged(f"the loss per datapoint reached {record['loss']:.4g} nats", step)
         self.metrics.write({"step": step, "epoch": epoch, "split": "train", **record})
         return record
+
+    def _reference_loss(self, first: float) -> float:
+        """The loss scale divergence is measured against (see ``DIVERGENCE_FACTOR``)."""
+        spec = self.model.data_spec
+        if spec.support != "real":
+            return spec.dim * math.log(2 if spec.support == "binary" else spec.num_levels)
+        return max(abs(first), 1.0)
 
     def _validate(self, progress: dict) -> bool:
         """Record the validation bound; return True when early stopping says stop."""
         cfg = self.config
-        if not cfg.validate or self.guide_kind == "local" or self.data.val is None:
+        if not cfg.validate or self.guide.refit_on_new_data or self.data.val is None:
             return False
         val = self.data.val.to(self.device)
-        with eval_mode(self.model, self.guide_module):
+        size = self.evaluation.batch_size
+        with eval_mode(self.model, self.guide):
             bounds = [
-                self.objective.bound(
-                    self.model.model,
+                self.objective.validation_bound(
+                    self.model,
                     self.guide,
-                    val[i : i + cfg.eval_batch_size],
-                    **self._conditions("val", slice(i, i + cfg.eval_batch_size)),
+                    val[i : i + size],
+                    **self._conditions("val", slice(i, i + size)),
                 )
-                for i in range(0, val.shape[0], cfg.eval_batch_size)
+                for i in range(0, val.shape[0], size)
             ]
         value = float(torch.cat(bounds).mean())
+        if not math.isfinite(value):
+            raise _Diverged(f"the validation bound became {value}", progress["step"])
         self.metrics.write({"step": progress["step"], "epoch": progress["epoch"], "split": "val", "bound": value})
         if value > progress["best_val"]:
             progress["best_val"], progress["bad_epochs"] = value, 0
-            best = {"model": self.model.state_dict(), "guide": self._guide_state(), "epoch": progress["epoch"]}
+            best = {"model": self.model.state_dict(), "guide": self.guide.state_dict(), "epoch": progress["epoch"]}
             if self.run_dir is not None:
                 _atomic_save(best, self.run_dir / "best.pt")
             else:  # no run directory: keep the best weights in memory
@@ -399,11 +529,11 @@ class Runner:
         k: Optional[int] = None,
         labels: Optional[Tensor] = None,
     ) -> Dict:
-        """log p(x) on held-out data (test set by default) with the configured estimator,
-        plus the ELBO and active units. A local guide is first fitted on the held-out data
-        with the model frozen. A model with labels needs ``labels`` of given ``data`` (for
-        the test set they are the dataset's); it then reports log p(x | y) or log p(x, y)."""
-        cfg = self.config
+        """log p(x) on held-out data (test set by default) with the configured estimator
+        (``estimator``, ``k`` override ``self.evaluation``), plus the ELBO and active units
+        (:func:`inference.evaluation.evaluate`). A model with labels needs ``labels`` of
+        given ``data`` (for the test set they are the dataset's); it then reports log p(x | y)
+        or log p(x, y)."""
         x = self.data.test if data is None else data
         conditions = self._conditions("test") if data is None else {}
         if self.model.uses_labels and data is not None:
@@ -411,71 +541,56 @@ class Runner:
                 raise DGMError(f"{type(self.model).__name__} is evaluated with class labels: pass labels= for the data")
             self.model.check_labels(labels, x.shape[0], "evaluation labels")
             conditions = {"y": labels}
-        if cfg.eval_limit is not None:
-            x = x[: cfg.eval_limit]
-            conditions = {key: value[: cfg.eval_limit] for key, value in conditions.items()}
-        x = x.to(self.device)
-        conditions = {key: value.to(self.device) for key, value in conditions.items()}
-        method = estimator or cfg.eval_estimator
-        if method == "auto":
-            method = "exact" if self.model.has_exact_log_prob else "is"
-        with eval_mode(self.model, self.guide_module):
-            return self._evaluate(x, method, k or cfg.eval_k, conditions)
-
-    def _evaluate(self, x: Tensor, method: str, k: int, conditions: Dict[str, Tensor]) -> Dict:
-        cfg = self.config
-        guide = self.guide if self.guide_kind != "local" else None
-        if method != "exact" and self.guide_kind == "local":
-            guide = fit_local_guide(self.model, x, self.objective, cfg)
-        t0 = time.time()
-        est = estimate_dataset(
+        overrides = {key: value for key, value in (("estimator", estimator), ("k", k)) if value is not None}
+        return evaluate(
             self.model,
-            x,
-            method=method,
-            num_samples=k,
-            guide=guide,
-            batch_size=cfg.eval_batch_size,
-            progress=cfg.progress,
-            conditions=conditions or None,
+            self.guide,
+            x.to(self.device),
+            replace(self.evaluation, **overrides),
+            conditions={key: value.to(self.device) for key, value in conditions.items()},
+            num_particles=self.objective.num_particles,
+            train=self.config,
         )
-        out = {**est.summary(), "eval_seconds": time.time() - t0}
-        if method != "exact" and guide is not None:
-            out["active_units"] = active_units(self.model, guide, x, conditions=conditions or None)
-        return out
+
+
+def load_weights(model: nn.Module, guide: nn.Module, state: dict, path: Path) -> None:
+    """Load ``state["model"]`` and ``state["guide"]`` into ``model`` and ``guide``; weights of
+    another model or guide are refused in one line naming ``path``."""
+    try:
+        model.load_state_dict(state["model"])
+        if state.get("guide"):
+            guide.load_state_dict(state["guide"])
+    except (RuntimeError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise DGMError(
+            f"{path} holds weights of another model or guide than this run's config describes ({first[:160]}); "
+            "check config.json or delete the run directory"
+        ) from None
 
 
 def fit_local_guide(
     model: GenerativeModel,
     x: Tensor,
-    objective: LogWeightObjective,
-    config: TrainConfig,
-    init_from: Optional[Callable] = None,
-) -> Callable:
+    num_particles: int = 1,
+    config: Optional[TrainConfig] = None,
+    epochs: int = 20,
+    init_from=None,
+) -> Guide:
     """Fit per-datapoint variational parameters on ``x`` with the model frozen (the
-    held-out evaluation of a local guide, and the best-q half of the amortization gap)."""
+    held-out evaluation of a local guide, and the best-q half of the amortization gap):
+    ``epochs`` epochs of the ELBO with ``num_particles`` samples and the optimizer settings
+    of ``config``."""
+    from inference.objectives import ELBO
+
+    config = config or TrainConfig()
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
     try:
-        data = _Fixed(x)
-        cfg = TrainConfig(
-            **{
-                **asdict(config),
-                "epochs": config.local_eval_epochs,
-                "validate": False,
-                "max_steps": None,
-                "device": str(x.device),
-            }
-        )
-        runner = Runner(
-            model,
-            data,
-            ELBO(objective.num_particles) if not isinstance(objective, ELBO) else objective,
-            guide="local",
-            config=cfg,
-        )
+        cfg = replace(config, epochs=epochs, validate=False, max_steps=None, device=str(x.device))
+        runner = Runner(model, _Fixed(x), ELBO(num_particles), guide="local", config=cfg)
         if init_from is not None:
-            runner.guide_module.init_from(init_from, x)
+            runner.guide.init_from(init_from, x)
         runner.fit()
         return runner.guide
     finally:
@@ -486,6 +601,7 @@ def fit_local_guide(
 class _Fixed:
     """A held-out tensor presented as a training set."""
 
+    name = "the held-out data"
     dynamic = False
 
     def __init__(self, x: Tensor):

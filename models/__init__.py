@@ -1,7 +1,9 @@
 """Generative models: each a Pyro model/guide pair with no training code.
 
-``REGISTRY`` maps the names the ``dgm`` command accepts to model classes. Each class has a
-``config_class`` (a dataclass of its hyperparameters) and ``presets`` (named configs).
+``MODELS`` (``models.registry``) maps the names the ``dgm`` command accepts to model classes;
+each model file registers its class with ``@register_model``, and importing this package
+imports them all. Each class has a ``config_class`` (a dataclass of its hyperparameters) and
+``presets`` (named configs).
 """
 
 from models.autoregressive.charrnn import CharRNN, CharRNNConfig
@@ -25,34 +27,15 @@ from models.latent.sbn import SBN, SBNConfig
 from models.latent.vae import VAE, VAEConfig
 from models.latent.vae2 import VAE2, VAE2Config
 from models.latent.vqvae import VQVAE, VQVAEConfig
-
-REGISTRY = {
-    "vae": VAE,
-    "vae2": VAE2,
-    "ar_vae": ARVAE,
-    "ppca": PPCA,
-    "fvsbn": FVSBN,
-    "nade": NADE,
-    "made": MADE,
-    "rnade": RNADE,
-    "charrnn": CharRNN,
-    "transformer": Transformer,
-    "wavenet": WaveNet,
-    "pixelcnn": PixelCNN,
-    "gated_pixelcnn": GatedPixelCNN,
-    "nice": NICE,
-    "realnvp": RealNVP,
-    "maf": MAF,
-    "sbn": SBN,
-    "bernoulli_mixture": BernoulliMixture,
-    "gaussian_mixture": GaussianMixture,
-    "cvae": CVAE,
-    "m2": M2,
-    "vqvae": VQVAE,
-}
+from models.registry import MODELS, register_model  # noqa: E402  (filled by the imports above)
 
 __all__ = [
-    "REGISTRY",
+    "MODELS",
+    "register_model",
+    "ARVAE",
+    "MAF",
+    "NICE",
+    "RealNVP",
     "GenerativeModel",
     "DataSpec",
     "DGMError",

@@ -82,6 +82,12 @@ class DataSpec:
     image_shape: Optional[Tuple[int, ...]] = None
 
     def __post_init__(self) -> None:
+        shape = self.event_shape
+        if not isinstance(shape, (tuple, list)) or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape
+        ):
+            raise DataError(f"event_shape must be a tuple of positive integers, got {shape!r}")
+        object.__setattr__(self, "event_shape", tuple(shape))
         if self.support not in ("binary", "categorical", "real"):
             raise DataError(f"unknown support {self.support!r}; use binary, categorical or real")
         if self.support == "categorical" and (self.num_levels is None or self.num_levels < 2):
@@ -93,6 +99,29 @@ class DataSpec:
         for s in self.event_shape:
             n *= s
         return n
+
+    def to_json(self) -> dict:
+        return {
+            "event_shape": list(self.event_shape),
+            "support": self.support,
+            "num_levels": self.num_levels,
+            "image_shape": None if self.image_shape is None else list(self.image_shape),
+        }
+
+    @staticmethod
+    def from_json(d: dict) -> "DataSpec":
+        image = d.get("image_shape")
+        return DataSpec(
+            tuple(int(s) for s in d["event_shape"]),
+            d["support"],
+            d.get("num_levels"),
+            None if image is None else tuple(int(s) for s in image),
+        )
+
+    def placeholder(self, n: int) -> Tensor:
+        """``n`` all-zero datapoints (in every support): the shape of a dataset, for building
+        parts that are sized on data (guides) without the data itself."""
+        return torch.zeros((n,) + tuple(self.event_shape))
 
     def describe(self) -> str:
         levels = f" with {self.num_levels} levels" if self.support == "categorical" else ""
@@ -198,7 +227,19 @@ class GenerativeModel(nn.Module):
         )
 
     def check_data(self, x: Tensor, what: str = "data") -> None:
+        """Raise ``DataError`` unless ``x`` fits ``data_spec`` and the dtype of the parameters."""
         self.data_spec.check(x, what)
+        if x.dtype != self.dtype:
+            raise DataError(
+                f"{what} is {x.dtype} but {type(self).__name__}'s parameters are {self.dtype}; "
+                f"convert one of them (x.to({self.dtype}) or model.to({x.dtype}))"
+            )
+
+    def report(self, x: Tensor, labels: Optional[Tensor] = None) -> Dict[str, float]:
+        """Metrics of this kind of model on the test data ``x`` (with its ``labels`` where the
+        data has them) for the run summary, beyond log p(x) (M2: its classifier's accuracy).
+        Default: none."""
+        return {}
 
     def after_fit(self, train: Tensor) -> None:
         """Called by the runner once training ends, on the final (best-validation) weights,
@@ -244,6 +285,14 @@ class GenerativeModel(nn.Module):
             return self.guide(*args, **kwargs)
 
         return model, guide
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating-point dtype of the parameters (and buffers); the default without any."""
+        for t in list(self.parameters()) + list(self.buffers()):
+            if t.is_floating_point():
+                return t.dtype
+        return torch.get_default_dtype()
 
     @property
     def device(self) -> torch.device:

@@ -61,10 +61,11 @@ def test_score_writes_exact_log_probs_and_bits_per_dim(fvsbn_run, capsys):
     assert main(["score", str(fvsbn_run), "--split", "val", "--out", str(out)]) == 0
     assert "bits/dim" in capsys.readouterr().out
     rows = [line.split(",") for line in out.read_text().splitlines()[1:]]
-    _, runner, data = load_run(fvsbn_run)
-    runner.model.eval()
+    run = load_run(fvsbn_run)
+    data = run.data
+    run.model.eval()
     with torch.no_grad():
-        exact = runner.model.log_prob(data.val).double()
+        exact = run.model.log_prob(data.val).double()
     assert len(rows) == len(data.val)
     lp = torch.tensor([float(r[1]) for r in rows], dtype=torch.float64)
     bits = torch.tensor([float(r[3]) for r in rows], dtype=torch.float64)

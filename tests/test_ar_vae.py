@@ -33,11 +33,13 @@ import torch
 from experiments import data as datasets
 from experiments.reproduce import EXPERIMENTS, TINY, ar_vae_report
 from experiments.runs import train_run
+from inference.config import ObjectiveConfig
 from inference.estimators import estimate_dataset
 from inference.logweights import LogWeights, compute_log_weights
-from inference.objectives import ELBO, IWAE, make_objective
+from inference.objective import make_objective
+from inference.objectives import ELBO, IWAE
 from inference.schedules import make_schedule
-from models import REGISTRY
+from models import MODELS
 from models.autoregressive.charrnn import CharRNN, CharRNNConfig
 from models.autoregressive.gated_pixelcnn import GatedPixelCNN, GatedPixelCNNConfig
 from models.autoregressive.pixelcnn import PixelCNN, PixelCNNConfig
@@ -410,7 +412,7 @@ def test_free_bits_floor_each_dimension_kl_at_lambda(float64):
     assert ((kl_bar < lam).sum(), (kl_bar > lam).sum()) == (2, 2)
 
     def loss(schedule):
-        objective = make_objective("elbo", analytic_kl=True, schedule=schedule)
+        objective = make_objective(ObjectiveConfig(name="elbo", analytic_kl=True)).set_schedule(schedule)
         pyro.set_rng_seed(4)
         return objective.loss_terms(model.model, model.guide, x)[0]
 
@@ -461,7 +463,7 @@ def test_real_data_and_broken_strings_are_refused():
 
 
 def test_presets_build_and_are_registered():
-    assert REGISTRY["ar_vae"] is ARVAE and {"mnist", "names", "small"} <= set(PRESETS)
+    assert MODELS["ar_vae"] is ARVAE and {"mnist", "names", "small"} <= set(PRESETS)
     mnist = ARVAE(image_spec(28, 28), PRESETS["mnist"])
     assert isinstance(mnist.decoder, GatedPixelCNN) and mnist.decoder.context_dim == 32
     names = ARVAE(tokens_spec(27, 12), PRESETS["names"])
@@ -481,10 +483,12 @@ def test_presets_build_and_are_registered():
     [n for n, _ in EXPERIMENTS["ar-vae"].runs],
 )
 def test_ar_vae_experiment_runs_end_to_end(run_name, tmp_path, one_thread):
-    spec = dict(EXPERIMENTS["ar-vae"].runs)[run_name]
-    spec = replace(spec, train=replace(spec.train, device="cpu", **TINY))
-    summary = train_run(spec, tmp_path / run_name)
-    assert summary["steps"] == TINY["max_steps"] and summary["test"]["n"] == TINY["eval_limit"]
+    config = dict(EXPERIMENTS["ar-vae"].runs)[run_name]
+    config = replace(
+        config, train=replace(config.train, device="cpu", **TINY["train"]), eval=replace(config.eval, **TINY["eval"])
+    )
+    summary = train_run(config, tmp_path / run_name)
+    assert summary["steps"] == TINY["train"]["max_steps"] and summary["test"]["n"] == TINY["eval"]["limit"]
     assert summary["test"]["estimator"] == "is" and "active_units" in summary["test"]
     if run_name.startswith("names"):  # the estimated NLL per symbol of the evaluated names
         test = datasets.load("names").test[: summary["test"]["n"]]

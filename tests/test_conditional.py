@@ -24,13 +24,15 @@ from torch import nn
 
 from experiments import data as datasets
 from experiments.conditional_plots import analogy_grid, save_analogies, save_style_grid
+from experiments.config import RunConfig
 from experiments.labels import keep_labels
-from experiments.runs import RunSpec, build, load_run
+from experiments.runs import build, load_run
+from inference.config import EvalConfig
 from inference.enum import EnumELBO
 from inference.estimators import estimate_dataset
 from inference.objectives import ELBO
 from inference.runner import Runner, TrainConfig
-from models import REGISTRY
+from models import MODELS
 from models.base import DataError, DataSpec, DGMError, GenerativeModel
 from models.latent.cvae import CVAE, CVAEConfig
 from models.latent.m2 import M2, M2Config, accuracy
@@ -83,8 +85,8 @@ def _probe_data(with_labels=True):
 def test_a_labelled_model_gets_the_labels_of_its_rows_in_training_validation_and_evaluation():
     data = _probe_data()
     model = _LabelledGaussian()
-    cfg = TrainConfig(epochs=2, batch_size=7, lr=1e-2, device="cpu", progress=False, eval_batch_size=8)
-    runner = Runner(model, data, ELBO(1), config=cfg)
+    cfg = TrainConfig(epochs=2, batch_size=7, lr=1e-2, device="cpu", progress=False)
+    runner = Runner(model, data, ELBO(1), config=cfg, evaluation=EvalConfig(batch_size=8))
     runner.fit()
     fitted = len(model.seen)
     seen = set(torch.cat([x for x, _ in model.seen]).squeeze(-1).tolist())
@@ -144,9 +146,9 @@ def test_label_free_models_are_unaffected_by_labels_in_the_data():
     results = []
     for data in (digits, replace(digits, train_labels=None, val_labels=None, test_labels=None)):
         torch.manual_seed(0)
-        model = VAE(digits.spec, REGISTRY["vae"].presets["small"])
-        cfg = TrainConfig(epochs=1, max_steps=5, device="cpu", progress=False, eval_k=5, eval_limit=20)
-        runner = Runner(model, data, ELBO(1), config=cfg)
+        model = VAE(digits.spec, MODELS["vae"].presets["small"])
+        cfg = TrainConfig(epochs=1, max_steps=5, device="cpu", progress=False)
+        runner = Runner(model, data, ELBO(1), config=cfg, evaluation=EvalConfig(k=5, limit=20))
         runner.fit()
         results.append((model.state_dict(), runner.evaluate()))
     (a, ra), (b, rb) = results
@@ -171,13 +173,15 @@ def test_keep_labels_is_balanced_fixed_by_the_seed_and_marks_the_rest_unlabelled
 
 
 def test_a_run_spec_label_budget_reaches_the_runner():
-    spec = RunSpec(model="m2", preset="small", data="digits", labelled=30, train=TrainConfig(device="cpu"))
-    runner, data = build(spec)
+    config = RunConfig.from_flat(
+        model="m2", preset="small", data="digits", labelled=30, train=TrainConfig(device="cpu")
+    )
+    runner, data = build(config)
     y = runner.labels["train"]
     assert int((y >= 0).sum()) == 30 and torch.bincount(y[y >= 0], minlength=10).tolist() == [3] * 10
     assert torch.equal(runner.labels["test"], data.test_labels)  # held-out labels stay complete
     with pytest.raises(DGMError, match="label budget is for m2"):
-        build(replace(spec, model="cvae"))
+        build(replace(config, model=replace(config.model, name="cvae")))
 
 
 # --- M2: the bounds, by hand ---------------------------------------------------------------------
@@ -311,8 +315,8 @@ def test_cvae_uses_the_label_in_decoder_and_guide_and_draws_analogies(tmp_path, 
     digits = datasets.load("digits")
     torch.manual_seed(0)
     model = CVAE(digits.spec, CVAE.presets["small"])
-    cfg = TrainConfig(epochs=15, batch_size=50, lr=3e-3, device="cpu", progress=False, eval_k=10, eval_limit=50)
-    runner = Runner(model, digits, ELBO(1), config=cfg)
+    cfg = TrainConfig(epochs=15, batch_size=50, lr=3e-3, device="cpu", progress=False)
+    runner = Runner(model, digits, ELBO(1), config=cfg, evaluation=EvalConfig(k=10, limit=50))
     runner.fit()
     result = runner.evaluate()  # IS with the test labels, and active units through the guide
     assert result["estimator"] == "is" and result["active_units"] >= 1
@@ -351,10 +355,10 @@ def test_cli_label_budget_and_m2_accuracy_in_the_summary(tmp_path, one_thread):
     args = ["train", "m2", "--preset", "small", "--data", "digits", "--labelled", "50", "--objective", "elbo-enum"]
     args += ["--epochs", "1", "--max-steps", "5", "--eval-k", "5", "--eval-limit", "30", "--no-progress"]
     assert main(args + ["--run-dir", str(run)]) == 0
-    assert json.loads((run / "config.json").read_text())["labelled"] == 50
+    assert json.loads((run / "config.json").read_text())["data"]["labelled"] == 50
     summary = json.loads((run / "summary.json").read_text())
-    _, runner, data = load_run(run)
-    expected = accuracy(runner.model, data.test, data.test_labels)
+    loaded = load_run(run)
+    expected = accuracy(loaded.model, loaded.data.test, loaded.data.test_labels)
     assert summary["test"]["accuracy"] == pytest.approx(expected)
     assert 0.0 <= expected <= 1.0
     assert (

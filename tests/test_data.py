@@ -1,4 +1,4 @@
-"""Tests of experiments/data.py: checksums, downloads (127.0.0.1 only), binarization,
+"""Tests of the experiments/data package: checksums, downloads (127.0.0.1 only), binarization,
 splits, the embedded subset and every dataset's defining property."""
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def test_checksum_constants_match_the_shared_sums(mnist_root):
 def test_shared_files_verify_and_are_checked_once_per_process(mnist_root, monkeypatch):
     assert mnist_files(root=mnist_root) == mnist_root
     calls = []
-    monkeypatch.setattr(data, "_checksum_problem", lambda *a: calls.append(a))
+    monkeypatch.setattr("experiments.data.files._checksum_problem", lambda *a: calls.append(a))
     assert mnist_files(root=mnist_root, download=False) == mnist_root
     assert calls == []  # verified already: no second pass over 55 MB
 
@@ -321,7 +321,7 @@ def test_embedded_needs_no_shared_data_and_is_binary(monkeypatch, tmp_path):
     def no_files(*args, **kwargs):
         raise AssertionError("mnist-embedded must not look for the MNIST files")
 
-    monkeypatch.setattr(data, "mnist_files", no_files)
+    monkeypatch.setattr("experiments.data.mnist.mnist_files", no_files)
     ds = load("mnist-embedded")
     assert (len(ds.train), len(ds.val), len(ds.test)) == (4_500, 500, 1_000)
     assert ds.spec.support == "binary" and not ds.dynamic
@@ -332,7 +332,7 @@ def test_embedded_needs_no_shared_data_and_is_binary(monkeypatch, tmp_path):
 
 def test_embedded_asset_is_what_make_embedded_derives(mnist_root):
     derived = build_subset(mnist_root)
-    asset = Path(data.__file__).parent / "assets" / data.EMBEDDED_ASSET
+    asset = Path(data.__file__).parent.parent / "assets" / data.EMBEDDED_ASSET
     assert asset.stat().st_size < 1_000_000
     assert hashlib.sha256(asset.read_bytes()).hexdigest() == data.EMBEDDED_SHA256
     assert data.EMBEDDED_SHA256 in (asset.parent / "README.md").read_text()

@@ -267,8 +267,8 @@ def test_build_guide_and_errors(float64):
     m = _Toy()
     x = torch.randn(3, 4)
     assert {"iaf", "planar", "radial"} <= set(GUIDES)
-    g, module = build_guide("planar", m, x, flow_depth=3, flow_hidden=5)
-    assert g is module and isinstance(g, FlowGuide) and len(g.steps["site_a"]) == 3
+    g = build_guide("planar", m, x, flow_depth=3, flow_hidden=5)
+    assert isinstance(g, FlowGuide) and len(g.steps["site_a"]) == 3
     assert g.steps["site_a"][0].net[0].out_features == 5
     assert not any(p is q for p in g.parameters() for q in m.parameters())  # the encoder stays the model's
     with pytest.raises(DGMError, match="unknown guide 'maf'.*iaf, planar, radial"):
@@ -372,18 +372,18 @@ def test_runner_trains_and_checkpoints_the_flow(tmp_path, one_thread):
     torch.manual_seed(0)
     cfg = TrainConfig(epochs=1, max_steps=4, batch_size=50, progress=False, validate=False, checkpoint_seconds=0)
     runner = Runner(VAE(data.spec, VAE.presets["small"]), data, ELBO(2), guide="iaf", config=cfg, run_dir=tmp_path)
-    start = {k: v.clone() for k, v in runner.guide_module.state_dict().items()}
-    flow_params = {id(p) for p in runner.guide_module.parameters()}
+    start = {k: v.clone() for k, v in runner.guide.state_dict().items()}
+    flow_params = {id(p) for p in runner.guide.parameters()}
     assert flow_params <= {id(p) for p in runner.params}  # the optimizer sees the flow
     runner.fit()
-    trained = runner.guide_module.state_dict()
+    trained = runner.guide.state_dict()
     assert any(not torch.equal(start[k], trained[k]) for k in start)
 
     torch.manual_seed(1)  # a fresh model and flow with other weights, then resume from the run
     again = Runner(VAE(data.spec, VAE.presets["small"]), data, ELBO(2), guide="iaf", config=cfg, run_dir=tmp_path)
-    assert any(not torch.equal(again.guide_module.state_dict()[k], trained[k]) for k in trained)
+    assert any(not torch.equal(again.guide.state_dict()[k], trained[k]) for k in trained)
     again.fit()
-    restored = again.guide_module.state_dict()
+    restored = again.guide.state_dict()
     assert restored.keys() == trained.keys()
     for k in trained:
         assert torch.equal(restored[k], trained[k]), k
@@ -402,14 +402,14 @@ def test_cli_trains_a_flow_guide_validates_with_it_and_evaluates_with_it(tmp_pat
     args += ["--epochs", "1", "--max-steps", "3", "--eval-k", "10", "--eval-limit", "20", "--no-progress"]
     assert main(args + ["--run-dir", str(run)]) == 0
     config = json.loads((run / "config.json").read_text())
-    assert config["guide"] == "iaf" and config["flow_depth"] == 3
+    assert config["guide"]["name"] == "iaf" and config["guide"]["flow_depth"] == 3
     summary = json.loads((run / "summary.json").read_text())
     assert summary["guide"] == "iaf x3" and summary["test"]["estimator"] == "is"
     assert "active_units" in summary["test"]  # evaluated with the trained amortized flow
     vals = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("split") == "val" for r in vals)  # validated with the flow guide
     best = torch.load(run / "best.pt", weights_only=False)
-    _, runner, _ = load_run(run)
-    assert [len(steps) for steps in runner.guide_module.steps.values()] == [3]
+    loaded = load_run(run)
+    assert [len(steps) for steps in loaded.guide.steps.values()] == [3]
     for k, v in best["guide"].items():
-        assert torch.equal(runner.guide_module.state_dict()[k], v), k
+        assert torch.equal(loaded.guide.state_dict()[k], v), k

@@ -22,10 +22,11 @@ import torch
 from torch.autograd.functional import jacobian
 
 from experiments import data as datasets
+from experiments.config import ModelConfig
 from experiments.data import LOGIT_LAMBDA, logit_log_jacobian
-from experiments.runs import RunSpec, build_model
+from experiments.runs import build_model
 from inference import ELBO, Runner, TrainConfig
-from models import REGISTRY
+from models import MODELS as REGISTRY
 from models.base import DataSpec, DGMError
 from models.flows import MAF, NICE, MAFConfig, NICEConfig, RealNVP, RealNVPConfig, logit_bits_per_dim
 from models.flows.base import StandardLogistic
@@ -457,7 +458,7 @@ def test_presets_build_and_registry_names_resolve(cls):
     for preset in ("small", "toy", "mnist", "mnist-cpu"):
         assert preset in cls.presets
     assert REGISTRY[cls.name] is cls
-    model = build_model(RunSpec(model=cls.name, preset="small"), real(2))
+    model = build_model(ModelConfig(name=cls.name, preset="small"), real(2))
     assert isinstance(model, cls) and model.has_exact_log_prob
 
 
@@ -469,7 +470,7 @@ def test_discrete_data_is_rejected(cls):
         cls(DataSpec((4,), "categorical", num_levels=3))
     digits = datasets.load("digits")  # binary images: the CLI builds the model for the data's spec
     with pytest.raises(DGMError, match="real"):
-        build_model(RunSpec(model=cls.name, preset="small", data="digits"), digits.spec)
+        build_model(ModelConfig(name=cls.name, preset="small"), digits.spec)
 
 
 def test_bad_settings_are_rejected():
@@ -560,14 +561,14 @@ def test_dgm_trains_a_flow_on_moons_and_draws_its_density(tmp_path, one_thread):
 
 
 def test_summary_bits_per_dim_is_the_mean_of_the_per_image_bits(float64):
-    from experiments.runs import _logit_bits_per_dim
+    from experiments.reporting import logit_bits_per_dim as summary_bits_per_dim
 
     g = torch.Generator().manual_seed(0)
     y = torch.randn(30, 784, generator=g) * 3
     log_p = -1000 + 50 * torch.randn(30, generator=g)
     per_image = logit_bits_per_dim(log_p, y)
-    got = _logit_bits_per_dim(float(-log_p.mean()), y, TrainConfig())
+    got = summary_bits_per_dim(float(-log_p.mean()), y)
     assert got == pytest.approx(float(per_image.mean()), rel=1e-12)
-    assert _logit_bits_per_dim(float(-log_p[:10].mean()), y, TrainConfig(eval_limit=10)) == pytest.approx(
+    assert summary_bits_per_dim(float(-log_p[:10].mean()), y[:10]) == pytest.approx(
         float(per_image[:10].mean()), rel=1e-12
     )

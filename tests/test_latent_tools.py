@@ -12,7 +12,9 @@ import torch
 
 from experiments import latent_tools as lt
 from experiments.cli import main
-from experiments.runs import RunSpec, train_run
+from experiments.config import RunConfig
+from experiments.runs import train_run
+from inference.config import EvalConfig
 from inference.runner import TrainConfig
 from models.base import DataSpec, DGMError, GenerativeModel
 from models.latent.ppca import PPCA, PPCAConfig
@@ -142,10 +144,10 @@ def test_models_without_continuous_latents_are_refused():
 
 # --- PNGs from a run, and the CLI ----------------------------------------------------------------
 def _train(tmp_path, model: str, preset: str = "small"):
-    train = TrainConfig(epochs=1, max_steps=3, device="cpu", progress=False, eval_k=4, eval_limit=10)
-    spec = RunSpec(model=model, preset=preset, data="digits", train=train)
+    train = TrainConfig(epochs=1, max_steps=3, device="cpu", progress=False)
+    config = RunConfig.from_flat(model=model, preset=preset, data="digits", train=train, eval=EvalConfig(k=4, limit=10))
     run = tmp_path / model
-    train_run(spec, run)
+    train_run(config, run)
     return run
 
 

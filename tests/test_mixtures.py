@@ -11,12 +11,13 @@ import torch
 from pyro.infer import SVI, TraceEnum_ELBO
 
 from experiments import data as datasets
+from inference.config import ObjectiveConfig
 from inference.em import run_em
 from inference.enum import EnumELBO
 from inference.estimators import estimate_dataset
-from inference.objectives import make_objective
+from inference.objective import make_objective
 from inference.runner import Runner, TrainConfig
-from models import REGISTRY
+from models import MODELS
 from models.base import DataError, DataSpec, DGMError
 from models.latent.bernoulli_mixture import BernoulliMixture, BernoulliMixtureConfig
 from models.latent.gaussian_mixture import GaussianMixture, GaussianMixtureConfig
@@ -250,7 +251,7 @@ def test_training_through_the_runner_improves_the_likelihood(objective):
     m = BernoulliMixture(data.spec, BernoulliMixtureConfig(num_components=10))
     with torch.no_grad():
         before = -m.log_prob(data.test).mean().item()
-    obj = make_objective(objective, baseline="average", input_dim=data.spec.dim)
+    obj = make_objective(ObjectiveConfig(name=objective, baseline="average"), data.spec)
     runner = Runner(m, data, obj, config=TrainConfig(epochs=3, lr=3e-2, device="cpu", progress=False))
     runner.fit()
     result = runner.evaluate()
@@ -259,7 +260,7 @@ def test_training_through_the_runner_improves_the_likelihood(objective):
 
 
 def test_registry_presets_and_bad_configs():
-    assert REGISTRY["bernoulli_mixture"] is BernoulliMixture and REGISTRY["gaussian_mixture"] is GaussianMixture
+    assert MODELS["bernoulli_mixture"] is BernoulliMixture and MODELS["gaussian_mixture"] is GaussianMixture
     for cls in (BernoulliMixture, GaussianMixture):
         assert "small" in cls.presets
     assert BernoulliMixture.presets["mnist"].num_components == 500
@@ -279,13 +280,15 @@ def test_registry_presets_and_bad_configs():
 # --- EM through the runner (--objective em) ---------------------------------------------------------
 def test_runner_em_steps_are_run_em_steps_and_never_decrease_the_likelihood(float64, one_thread):
     import copy
+    from dataclasses import replace
 
     data = datasets.load("digits")  # static binary data: every epoch sees the same training set
+    data = replace(data, train=data.train.double(), val=data.val.double(), test=data.test.double())  # model's dtype
     torch.manual_seed(0)
     model = BernoulliMixture(data.spec, BernoulliMixtureConfig(num_components=6, encoder=False)).double()
     reference = copy.deepcopy(model)
     config = TrainConfig(epochs=5, device="cpu", progress=False, validate=False, checkpoint_seconds=1e9)
-    runner = Runner(model, data, make_objective("em"), config=config)
+    runner = Runner(model, data, make_objective(ObjectiveConfig(name="em")), config=config)
     runner.fit()
     history = run_em(reference, data.train.double(), steps=5, tol=-math.inf, progress=False)
     for (name, got), (_, want) in zip(model.named_parameters(), reference.named_parameters()):

@@ -8,8 +8,10 @@ import pytest
 import torch
 from torch import nn
 
+from inference.config import ObjectiveConfig
 from inference.logweights import compute_log_weights
-from inference.objectives import ELBO, IWAE, ScoreFunctionELBO, make_objective
+from inference.objective import make_objective
+from inference.objectives import ELBO, IWAE, ScoreFunctionELBO
 from models.base import DataSpec, DGMError, GenerativeModel
 from models.latent.ppca import PPCA, PPCAConfig
 from models.latent.vae import VAE, VAEConfig
@@ -235,11 +237,11 @@ def test_neural_baseline_is_trained_and_registered_for_svi(float64):
 
 def test_make_objective_rejects_bad_settings():
     with pytest.raises(DGMError, match="unknown objective"):
-        make_objective("elbow")
+        make_objective(ObjectiveConfig(name="elbow"))
     with pytest.raises(DGMError, match="--k must be >= 1"):
-        make_objective("iwae", 0)
+        make_objective(ObjectiveConfig(name="iwae", k=0))
     with pytest.raises(DGMError, match="baseline"):
-        make_objective("elbo-sf", baseline="magic")
+        make_objective(ObjectiveConfig(name="elbo-sf", baseline="magic"))
 
 
 def test_global_latent_sites_are_refused_with_a_message(float64):

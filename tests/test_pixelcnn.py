@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from experiments.data import load
-from models import REGISTRY
+from models import MODELS as REGISTRY
 from models.autoregressive.gated_pixelcnn import GatedPixelCNN, GatedPixelCNNConfig
 from models.autoregressive.pixelcnn import PixelCNN, PixelCNNConfig
 from models.base import DataSpec, DGMError

@@ -11,33 +11,43 @@ import pytest
 
 from experiments.reproduce import EXPERIMENTS, TINY
 from experiments.runs import compare, train_run
-from models import REGISTRY
+from models import MODELS
 
 LATENT = ["mnist-vae2", "sbn", "m2", "mixtures", "iaf-guide", "flows-toy", "gaussian-vae"]
 
 
 def test_every_experiment_names_registered_models_and_presets():
     for name, exp in EXPERIMENTS.items():
-        for run_name, spec in exp.runs:
-            cls = REGISTRY[spec.model]
-            assert spec.preset is None or spec.preset in cls.presets, (name, run_name)
+        for run_name, config in exp.runs:
+            cls = MODELS[config.model.name]
+            assert config.model.preset is None or config.model.preset in cls.presets, (name, run_name)
 
 
 @pytest.mark.parametrize("name", LATENT)
 def test_latent_experiment_runs_end_to_end_on_the_embedded_subset(name, tmp_path, one_thread):
     dirs = []
-    for run_name, spec in EXPERIMENTS[name].runs:
-        assert spec.data in ("mnist", "mnist-dequantized", "digits-dequantized", "moons", "rings", "checkerboard")
-        small = dict(TINY, eval_k=5)
-        data = {"mnist": "mnist-embedded", "mnist-dequantized": "digits-dequantized"}.get(spec.data, spec.data)
-        spec = replace(spec, data=data, train=replace(spec.train, device="cpu", **small))
-        summary = train_run(spec, tmp_path / run_name)
-        assert summary["steps"] == (1 if spec.objective == "em" else TINY["max_steps"])  # EM: 1 step per epoch
-        assert summary["test"]["n"] == TINY["eval_limit"]
+    for run_name, config in EXPERIMENTS[name].runs:
+        sources = ("mnist", "mnist-dequantized", "digits-dequantized", "moons", "rings", "checkerboard")
+        assert config.data.name in sources
+        small = dict(TINY["eval"], k=5)
+        data = {"mnist": "mnist-embedded", "mnist-dequantized": "digits-dequantized"}.get(
+            config.data.name, config.data.name
+        )
+        config = replace(
+            config,
+            data=replace(config.data, name=data),
+            train=replace(config.train, device="cpu", **TINY["train"]),
+            eval=replace(config.eval, **small),
+        )
+        summary = train_run(config, tmp_path / run_name)
+        # EM: 1 step per epoch
+        assert summary["steps"] == (1 if config.objective.name == "em" else TINY["train"]["max_steps"])
+        assert summary["test"]["n"] == TINY["eval"]["limit"]
         dirs.append(tmp_path / run_name)
-        if spec.labelled is not None:
+        if config.data.labelled is not None:
             assert 0.0 <= summary["test"]["accuracy"] <= 1.0
-            assert json.loads((tmp_path / run_name / "config.json").read_text())["labelled"] == spec.labelled
+            written = json.loads((tmp_path / run_name / "config.json").read_text())
+            assert written["data"]["labelled"] == config.data.labelled
         if data == "digits-dequantized":  # bits/dim of the 17 levels, D = 64
             d = 64
             assert summary["test"]["bits_per_dim"] == pytest.approx(
@@ -52,9 +62,15 @@ def test_latent_experiment_runs_end_to_end_on_the_embedded_subset(name, tmp_path
 def test_vqvae_experiment_fits_both_code_priors_and_tabulates_the_bounds(tmp_path, one_thread):
     from experiments.reproduce import VQ_PRIORS, vqvae_report
 
-    [(run_name, spec)] = EXPERIMENTS["vqvae"].runs
-    spec = replace(spec, data="mnist-embedded", preset="small", train=replace(spec.train, device="cpu", **TINY))
-    train_run(spec, tmp_path / run_name)
+    [(run_name, config)] = EXPERIMENTS["vqvae"].runs
+    config = replace(
+        config,
+        data=replace(config.data, name="mnist-embedded"),
+        model=replace(config.model, preset="small"),
+        train=replace(config.train, device="cpu", **TINY["train"]),
+        eval=replace(config.eval, **TINY["eval"]),
+    )
+    train_run(config, tmp_path / run_name)
     table = vqvae_report([tmp_path / run_name], tiny=True)
     rows = [ln for ln in table.splitlines() if ln.startswith(f"| {run_name} |")]
     assert len(rows) == len(VQ_PRIORS)
@@ -68,13 +84,20 @@ def test_vqvae_experiment_fits_both_code_priors_and_tabulates_the_bounds(tmp_pat
 
 
 def test_a_finished_run_is_reused_from_another_device_setting_but_not_with_another_lr(tmp_path, one_thread):
-    from experiments.runs import RunSpec
+    from experiments.config import RunConfig
+    from inference.config import EvalConfig
     from inference.runner import TrainConfig
     from models.base import DGMError
 
-    spec = RunSpec(model="vae", preset="small", data="digits", train=TrainConfig(device="cpu", **TINY))
-    first = train_run(spec, tmp_path / "run")
-    again = train_run(replace(spec, train=replace(spec.train, device="auto", progress=True)), tmp_path / "run")
+    config = RunConfig.from_flat(
+        model="vae",
+        preset="small",
+        data="digits",
+        train=TrainConfig(device="cpu", **TINY["train"]),
+        eval=EvalConfig(**TINY["eval"]),
+    )
+    first = train_run(config, tmp_path / "run")
+    again = train_run(replace(config, train=replace(config.train, device="auto", progress=True)), tmp_path / "run")
     assert again == first  # the finished run, not a new one
     with pytest.raises(DGMError, match="different configuration"):
-        train_run(replace(spec, train=replace(spec.train, lr=0.5)), tmp_path / "run")
+        train_run(replace(config, train=replace(config.train, lr=0.5)), tmp_path / "run")

@@ -134,8 +134,8 @@ def test_local_guide_on_held_out_data_beats_the_encoder():
     runner = Runner(m, data, ELBO(), config=TrainConfig(epochs=5, progress=False, validate=False))
     runner.fit()
     x = data.test[:100]
-    cfg = TrainConfig(local_eval_epochs=100, batch_size=100, lr=1e-2, progress=False)
-    local = fit_local_guide(m, x, ELBO(10), cfg, init_from=m.guide)
+    cfg = TrainConfig(batch_size=100, lr=1e-2, progress=False)
+    local = fit_local_guide(m, x, 10, cfg, epochs=100, init_from=m.guide)
     torch.manual_seed(1)
     elbo_amortized = ELBO(200).bound(m.model, m.guide, x, torch.arange(100), 100)
     elbo_local = ELBO(200).bound(m.model, local, x, torch.arange(100), 100)

@@ -10,11 +10,13 @@ from pyro import poutine
 from pyro.infer import TraceEnum_ELBO
 
 from experiments import data as datasets
+from inference.config import EvalConfig, ObjectiveConfig
 from inference.enum import EnumELBO
 from inference.estimators import estimate_dataset
-from inference.objectives import IWAE, ScoreFunctionELBO, make_objective
+from inference.objective import make_objective
+from inference.objectives import IWAE, ScoreFunctionELBO
 from inference.runner import Runner, TrainConfig
-from models import REGISTRY
+from models import MODELS
 from models.base import DataError, DataSpec, DGMError
 from models.latent.sbn import MAX_EXACT_BITS, SBN, SBNConfig, all_binary_vectors
 
@@ -80,11 +82,12 @@ def test_exact_estimator_and_instance_level_exactness(float64):
 
 def test_runner_evaluates_exactly_only_when_the_net_is_enumerable():
     data = datasets.load("digits")
-    config = TrainConfig(epochs=1, max_steps=1, device="cpu", progress=False, eval_k=5, eval_limit=20)
+    config = TrainConfig(epochs=1, max_steps=1, device="cpu", progress=False)
     for preset, method in (("tiny", "exact"), ("small", "is")):
         torch.manual_seed(0)
         m = SBN(data.spec, SBN.presets[preset])
-        runner = Runner(m, data, make_objective("elbo-sf"), config=config)
+        objective = make_objective(ObjectiveConfig(name="elbo-sf"))
+        runner = Runner(m, data, objective, config=config, evaluation=EvalConfig(k=5, limit=20))
         runner.fit()
         assert runner.evaluate()["estimator"] == method
 
@@ -209,7 +212,7 @@ def test_two_layer_sbn_trains_with_score_function_baselines(baseline):
     data = datasets.load("digits")
     torch.manual_seed(0)
     m = SBN(data.spec, SBNConfig(layers=(8, 16)))
-    obj = make_objective("elbo-sf", baseline=baseline, input_dim=data.spec.dim)
+    obj = make_objective(ObjectiveConfig(name="elbo-sf", baseline=baseline), data.spec)
     net_before = [p.detach().clone() for p in obj.modules()[0].parameters()] if obj.modules() else []
     val = data.val
     before = obj.bound(m.model, m.guide, val).mean().item()
@@ -222,7 +225,7 @@ def test_two_layer_sbn_trains_with_score_function_baselines(baseline):
 
 
 def test_registry_presets_and_errors():
-    assert REGISTRY["sbn"] is SBN
+    assert MODELS["sbn"] is SBN
     assert {"tiny", "small", "mnist-1layer", "mnist-2layer"} <= set(SBN.presets)
     assert SBN.presets["mnist-2layer"].layers == (200, 200)
     spec = DataSpec((784,), "binary")

@@ -12,8 +12,10 @@ import torch
 from pyro import poutine
 
 from experiments import data as datasets
+from inference.config import ObjectiveConfig
 from inference.logweights import compute_log_weights
-from inference.objectives import ELBO, IWAE, make_objective
+from inference.objective import make_objective
+from inference.objectives import ELBO, IWAE
 from inference.runner import Runner, TrainConfig
 from inference.schedules import FreeBits, KLSchedule, LinearWarmup, make_schedule
 from models.base import DataSpec, DGMError
@@ -76,11 +78,11 @@ def test_bad_schedules_and_unsupported_objectives_are_dgm_errors():
         FreeBits(0.5, per="pixel")
     bits = make_schedule(free_bits=0.5)
     with pytest.raises(DGMError, match="ELBO"):
-        make_objective("iwae", 5, schedule=bits)
+        make_objective(ObjectiveConfig(name="iwae", k=5)).set_schedule(bits)
     with pytest.raises(DGMError, match="ELBO"):
-        make_objective("elbo-sf", 1, schedule=bits)
+        make_objective(ObjectiveConfig(name="elbo-sf", k=1)).set_schedule(bits)
     with pytest.raises(DGMError, match="elbo-enum"):
-        make_objective("elbo-enum", 1, schedule=make_schedule(warmup_steps=10))
+        make_objective(ObjectiveConfig(name="elbo-enum", k=1, kl_warmup=10))
     assert make_schedule() is None  # no flags: the plain objective
 
 
@@ -208,7 +210,8 @@ def _digits_runner(schedule, run_dir=None, max_steps=None, epochs=2, log_every=1
         checkpoint_seconds=1e9,
         validate=False,
     )
-    return Runner(model, data, make_objective("elbo", 1, schedule=schedule), config=cfg, run_dir=run_dir)
+    objective = make_objective(ObjectiveConfig(name="elbo", k=1)).set_schedule(schedule)
+    return Runner(model, data, objective, config=cfg, run_dir=run_dir)
 
 
 def test_runner_logs_beta_and_per_site_kl_each_step(tmp_path, one_thread):
@@ -252,16 +255,17 @@ def test_resume_keeps_the_schedule_step_and_is_bit_exact(tmp_path, one_thread):
 
 
 def test_train_flags_reach_the_objective():
-    from experiments.cli import _spec_from_args, build_parser
+    from experiments.cli import _config_from_args, build_parser
     from experiments.runs import build
 
     args = build_parser().parse_args(
         ["train", "vae", "--data", "digits", "--kl-warmup", "30", "--kl-beta0", "0.1", "--free-bits", "0.25"]
         + ["--free-bits-per", "dimension", "--analytic-kl"]
     )
-    spec = _spec_from_args(args)
-    assert (spec.kl_warmup, spec.kl_beta0, spec.free_bits, spec.free_bits_per) == (30, 0.1, 0.25, "dimension")
-    schedule = build(spec)[0].objective.schedule
+    config = _config_from_args(args)
+    o = config.objective
+    assert (o.kl_warmup, o.kl_beta0, o.free_bits, o.free_bits_per) == (30, 0.1, 0.25, "dimension")
+    schedule = build(config)[0].objective.schedule
     assert schedule.warmup == LinearWarmup(0.1, 30) and schedule.free_bits == FreeBits(0.25, "dimension")
-    plain = _spec_from_args(build_parser().parse_args(["train", "vae", "--data", "digits"]))
+    plain = _config_from_args(build_parser().parse_args(["train", "vae", "--data", "digits"]))
     assert build(plain)[0].objective.schedule is None

@@ -11,7 +11,7 @@ import torch
 from experiments.data import load
 from experiments.names import END, decode_names, encode_names, split_sizes
 from inference import ELBO, Runner, TrainConfig
-from models import REGISTRY
+from models import MODELS as REGISTRY
 from models.autoregressive.charrnn import CharRNN, CharRNNConfig
 from models.autoregressive.sequence import EndPadded, RasterScan, nats_per_char, num_symbols
 from models.autoregressive.transformer import PRESETS as TRANSFORMER_PRESETS
@@ -437,12 +437,13 @@ def test_raster_scan_training_on_digits_beats_the_independent_model(model_name):
 
 
 def test_a_names_run_reports_nats_per_char_and_writes_text_samples(tmp_path):
-    from experiments.runs import RunSpec, train_run
+    from experiments.config import RunConfig
+    from experiments.runs import train_run
 
-    spec = RunSpec(
+    config = RunConfig.from_flat(
         model="charrnn", preset="small", data="names", train=TrainConfig(epochs=1, max_steps=5, progress=False)
     )
-    summary = train_run(spec, tmp_path / "run")
+    summary = train_run(config, tmp_path / "run")
     test = load("names").test
     symbols = float(num_symbols(test).sum())
     expected = summary["test"]["nll"] * len(test) / symbols  # total NLL over characters incl. END

@@ -12,7 +12,7 @@ from pyro import poutine
 
 from inference.diagnostics import active_units
 from inference.logweights import compute_log_weights
-from models import REGISTRY
+from models import MODELS
 from models.base import DataSpec, DGMError
 from models.latent.vae import VAE, VAEConfig
 from models.latent.vae2 import VAE2, VAE2Config
@@ -122,7 +122,7 @@ def test_iwae_2layer_preset_is_the_papers_architecture():
     assert shapes(model.p_h1.net) == [(50, 100), (100, 100), (100, 200)]
     assert shapes(model.decoder) == [(100, 200), (200, 200), (200, 784)]
     assert all(isinstance(m, torch.nn.Tanh) for m in model.decoder if not isinstance(m, torch.nn.Linear))
-    assert REGISTRY["vae2"] is VAE2 and "small" in VAE2.presets
+    assert MODELS["vae2"] is VAE2 and "small" in VAE2.presets
 
 
 def test_bad_config_is_a_dgm_error():

@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from experiments import code_prior
+from experiments.config import RunConfig
 from experiments.data import Dataset
-from experiments.runs import RunSpec, train_run
-from inference import ELBO, TrainConfig
+from experiments.runs import train_run
+from inference import ELBO, EvalConfig, TrainConfig
 from inference.objectives import IWAE
-from models import REGISTRY
+from models import MODELS
 from models.base import DataSpec, DGMError, collect_aux_terms
 from models.latent.vqvae import VQVAE, VQVAEConfig
 from models.nn.quantize import UniformCodebook, VectorQuantizer, perplexity, straight_through
@@ -262,20 +263,19 @@ def test_bad_configurations_raise():
         VQVAE(DataSpec((10,), "binary"), TINY)
     with pytest.raises(DGMError):
         VectorQuantizer(1, 4)
-    assert REGISTRY["vqvae"] is VQVAE and set(VQVAE.presets) >= {"small", "paper"}
+    assert MODELS["vqvae"] is VQVAE and set(VQVAE.presets) >= {"small", "paper"}
 
 
 # --- training through the runner --------------------------------------------------------------
 def test_training_reduces_reconstruction_error_and_checkpoints_carry_the_ema_buffers(tmp_path):
-    spec = RunSpec(
+    config = RunConfig.from_flat(
         model="vqvae",
         preset="small",
         data="mnist-embedded",
-        train=TrainConfig(
-            epochs=1, max_steps=60, batch_size=50, lr=3e-3, log_every=10, progress=False, eval_k=1, eval_limit=100
-        ),
+        train=TrainConfig(epochs=1, max_steps=60, batch_size=50, lr=3e-3, log_every=10, progress=False),
+        eval=EvalConfig(k=1, limit=100),
     )
-    summary = train_run(spec, tmp_path / "run")
+    summary = train_run(config, tmp_path / "run")
     records = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["split"] == "train"]
     assert train[-1]["recon"] < 0.7 * train[0]["recon"]
@@ -293,21 +293,22 @@ def test_training_reduces_reconstruction_error_and_checkpoints_carry_the_ema_buf
 
 # --- stage 2 ------------------------------------------------------------------------------------
 def test_code_prior_dataset_and_bound(tmp_path):
-    spec = RunSpec(
+    config = RunConfig.from_flat(
         model="vqvae",
         preset="small",
         data="mnist-embedded",
-        train=TrainConfig(epochs=1, max_steps=10, progress=False, eval_k=1, eval_limit=50),
+        train=TrainConfig(epochs=1, max_steps=10, progress=False),
+        eval=EvalConfig(k=1, limit=50),
     )
     run = tmp_path / "vq"
-    train_run(spec, run)
+    train_run(config, run)
     train = TrainConfig(epochs=1, max_steps=5, progress=False)
     summary = code_prior.fit_prior(run, prior="pixelcnn", preset="small", train=train)
 
     from experiments.runs import load_run
 
-    _, vq_runner, data = load_run(run)
-    vqvae = vq_runner.model
+    vq_run = load_run(run)
+    vqvae, data = vq_run.model, vq_run.data
     codes = code_prior.code_dataset(vqvae, data)
     assert isinstance(codes, Dataset)
     assert codes.spec == DataSpec((49,), "categorical", num_levels=8, image_shape=(7, 7))
@@ -315,7 +316,7 @@ def test_code_prior_dataset_and_bound(tmp_path):
     assert torch.equal(codes.test.reshape(-1, 7, 7).long(), vqvae.eval().encode(data.test))
 
     prior_dir = run / "prior-pixelcnn-small"
-    prior = REGISTRY["pixelcnn"](codes.spec, REGISTRY["pixelcnn"].presets["small"])
+    prior = MODELS["pixelcnn"](codes.spec, MODELS["pixelcnn"].presets["small"])
     prior.load_state_dict(torch.load(prior_dir / "checkpoint.pt", weights_only=False)["model"])
     prior.eval()
     with torch.no_grad():
@@ -341,6 +342,6 @@ def test_objectives_that_would_drop_the_straight_through_gradient_or_the_commitm
     from experiments.runs import build
 
     for objective in ("elbo-sf", "elbo-enum", "em"):
-        spec = RunSpec(model="vqvae", preset="small", data="mnist-embedded", objective=objective)
+        config = RunConfig.from_flat(model="vqvae", preset="small", data="mnist-embedded", objective=objective)
         with pytest.raises(DGMError, match="trains correctly only with --objective elbo or iwae"):
-            build(spec)
+            build(config)

@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 from experiments import speech
 from experiments.data import Dataset, load
-from models import REGISTRY
+from models import MODELS
 from models.autoregressive.wavenet import WaveNet, WaveNetConfig, mu_law_decode, mu_law_encode
 from models.base import DataError, DataSpec, DGMError
 from models.nn.dilated import CausalConv1d
@@ -290,7 +290,7 @@ def test_bad_configurations_and_data_are_refused():
 
 
 def test_registry_and_presets():
-    assert REGISTRY["wavenet"] is WaveNet
+    assert MODELS["wavenet"] is WaveNet
     assert {"small", "mnist", "speech"} <= set(WaveNet.presets)
     mnist = WaveNet(DataSpec((784,), "binary", image_shape=(28, 28)), WaveNet.presets["mnist"])
     assert mnist.receptive_field >= 784  # the whole image before each pixel

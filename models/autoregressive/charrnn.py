@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from models.autoregressive.sequence import SequenceModel, ShiftedEmbedding, sequence_for
 from models.base import DataSpec, DGMError
+from models.registry import register_model
 
 __all__ = ["CharRNN", "CharRNNConfig", "PRESETS"]
 
@@ -66,6 +67,7 @@ PRESETS = {
 }
 
 
+@register_model
 class CharRNN(SequenceModel):
     """Char-RNN (LSTM or GRU) for END-padded strings or raster-scanned discrete data."""
 

@@ -36,6 +36,7 @@ from torch.nn import functional as F
 from models.autoregressive.base import AutoregressiveModel
 from models.base import DataSpec, DGMError
 from models.nn.masked import MaskedLinear, connectivity_mask, order_degrees
+from models.registry import register_model
 
 __all__ = ["FVSBN", "FVSBNConfig", "PRESETS"]
 
@@ -61,6 +62,7 @@ def generation_order(dim: int, seed: Optional[int]) -> Tensor:
     return torch.randperm(dim, generator=torch.Generator().manual_seed(seed))
 
 
+@register_model
 class FVSBN(AutoregressiveModel):
     """Fully visible sigmoid belief network over binary data of any event shape."""
 
@@ -94,9 +96,7 @@ class FVSBN(AutoregressiveModel):
         return -F.binary_cross_entropy_with_logits(self.conditional_logits(flat), flat, reduction="none")
 
     @torch.no_grad()
-    def sample(
-        self, n: int, given: Optional[Tensor] = None, generator: Optional[torch.Generator] = None
-    ) -> Tensor:
+    def sample(self, n: int, given: Optional[Tensor] = None, generator: Optional[torch.Generator] = None) -> Tensor:
         """``n`` ancestral samples ``[n, *event_shape]``: ``D`` steps in the generation order.
         Positions not yet drawn are zero and masked out of every logit that is computed;
         ``given`` clamps known positions (NaN elsewhere; see the base class)."""

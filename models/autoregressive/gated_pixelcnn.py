@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from models.autoregressive.pixelcnn import RasterImageModel, check_kernels, check_positive
 from models.base import DataSpec, DGMError
 from models.nn.conv import GatedBlock, OutputHead
+from models.registry import register_model
 
 __all__ = ["GatedPixelCNN", "GatedPixelCNNConfig", "PRESETS"]
 
@@ -108,6 +109,7 @@ class _GatedSteps:
         first.horizontal.write(self.horizontal[0], r, c, features)
 
 
+@register_model
 class GatedPixelCNN(RasterImageModel):
     """Gated PixelCNN: vertical and horizontal gated stacks, no blind spot (binary or K-level images).
 

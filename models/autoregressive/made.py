@@ -47,6 +47,7 @@ from models.base import DataSpec, DGMError
 from models.nn.masked import MaskedLinear, connectivity_mask, hidden_degrees, order_degrees
 from models.nn.mlp import ACTIVATIONS
 from models.nn.units import units_for
+from models.registry import register_model
 
 
 @dataclass
@@ -106,6 +107,7 @@ def made_masks(
     return path, connectivity_mask(units[0], d_out, strict=True)
 
 
+@register_model
 class MADE(AutoregressiveModel):
     """Masked autoencoder for binary or categorical data, with order- and
     connectivity-agnostic training and an ensemble of masks at test time.

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from models.autoregressive.base import AutoregressiveModel, tied_preactivations
 from models.base import DataSpec, DGMError
 from models.nn.units import units_for
+from models.registry import register_model
 
 __all__ = ["NADE", "NADEConfig", "PRESETS"]
 
@@ -61,6 +62,7 @@ PRESETS = {
 }
 
 
+@register_model
 class NADE(AutoregressiveModel):
     """NADE for binary or categorical data, in the natural order of the flattened datapoint."""
 
@@ -110,9 +112,7 @@ class NADE(AutoregressiveModel):
         return self.units.log_prob(self.units.natural(logits), flat)
 
     @torch.no_grad()
-    def sample(
-        self, n: int, given: Optional[Tensor] = None, generator: Optional[torch.Generator] = None
-    ) -> Tensor:
+    def sample(self, n: int, given: Optional[Tensor] = None, generator: Optional[torch.Generator] = None) -> Tensor:
         """``n`` ancestral samples ``[n, *event_shape]``: ``D`` steps of O(H K) each, carrying
         the pre-activation ``a`` forward instead of recomputing it. ``given`` clamps known
         positions (NaN elsewhere; the natural order, see the base class)."""

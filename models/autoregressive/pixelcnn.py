@@ -53,6 +53,7 @@ from models.autoregressive.base import AutoregressiveModel
 from models.base import DataSpec, DGMError
 from models.nn.conv import ContextBias, MaskedConv2d, OutputHead, ResidualBlock, add_bias, context_bias
 from models.nn.units import units_for
+from models.registry import register_model
 
 __all__ = ["PixelCNN", "PixelCNNConfig", "PRESETS", "RasterImageModel", "raster_shape", "inverse_cdf"]
 
@@ -236,6 +237,7 @@ class _PixelCNNSteps:
         self.net.input_conv.write(self.input_cache, r, c, features)
 
 
+@register_model
 class PixelCNN(RasterImageModel):
     """PixelCNN: a mask-A conv and residual mask-B blocks over binary or K-level images.
 

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from models.autoregressive.base import AutoregressiveModel, tied_preactivations
 from models.base import DataSpec, DGMError
+from models.registry import register_model
 
 __all__ = ["RNADE", "RNADEConfig", "PRESETS"]
 
@@ -67,6 +68,7 @@ PRESETS = {
 }
 
 
+@register_model
 class RNADE(AutoregressiveModel):
     """RNADE for real-valued data, in the natural order of the flattened datapoint."""
 
@@ -120,9 +122,7 @@ class RNADE(AutoregressiveModel):
         return torch.logsumexp(log_pi + log_normal, dim=-1)
 
     @torch.no_grad()
-    def sample(
-        self, n: int, given: Optional[Tensor] = None, generator: Optional[torch.Generator] = None
-    ) -> Tensor:
+    def sample(self, n: int, given: Optional[Tensor] = None, generator: Optional[torch.Generator] = None) -> Tensor:
         """``n`` ancestral samples ``[n, *event_shape]``: ``D`` steps of O(H K) each, carrying
         the pre-activation ``a`` forward instead of recomputing it. ``given`` clamps known
         positions (NaN elsewhere; the natural order, see the base class)."""

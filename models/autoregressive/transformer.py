@@ -41,6 +41,7 @@ from torch.nn import functional as F
 
 from models.autoregressive.sequence import SequenceModel, ShiftedEmbedding, sequence_for
 from models.base import DataSpec, DGMError
+from models.registry import register_model
 
 __all__ = ["Transformer", "TransformerConfig", "PRESETS", "Block"]
 
@@ -89,6 +90,7 @@ class Block(nn.Module):
         return h + self.drop(self.mlp(self.ln2(h)))
 
 
+@register_model
 class Transformer(SequenceModel):
     """Causal Transformer decoder for END-padded strings or raster-scanned discrete data."""
 

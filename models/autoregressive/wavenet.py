@@ -33,7 +33,7 @@ same generator they return the same samples.
 
 Audio is mu-law companded before quantization (ITU-T G.711; WaveNet Section 2.2):
 ``F(x) = sign(x) ln(1 + mu |x|) / ln(1 + mu)`` with ``mu = K - 1``, then ``F`` in [-1, 1]
-is rounded to ``K`` evenly spaced levels (:func:`mu_law_encode`, :func:`mu_law_decode`).
+is rounded to ``K`` evenly spaced levels (:mod:`models.nn.mulaw`).
 
 Presets: ``small`` (tests), ``mnist`` (raster MNIST: 10 layers, ``R = 1024`` covers the 784
 pixels; WaveNet has no MNIST architecture, this is ours), ``speech`` (8 kHz audio: 2 stacks of
@@ -47,7 +47,6 @@ arXiv:1611.09482, 2016.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -56,33 +55,12 @@ from torch import Tensor, nn
 
 from models.autoregressive.base import AutoregressiveModel
 from models.autoregressive.sequence import ShiftedEmbedding, sequence_for
-from models.base import DataError, DataSpec, DGMError
+from models.base import DataSpec, DGMError
 from models.nn.dilated import GatedResidualBlock, dilation_schedule
+from models.nn.mulaw import mu_law_decode, mu_law_encode  # re-exported: the codec lives in models.nn.mulaw
+from models.registry import register_model
 
 __all__ = ["WaveNet", "WaveNetConfig", "PRESETS", "mu_law_encode", "mu_law_decode"]
-
-
-# --- mu-law companding -----------------------------------------------------------------------------
-
-
-def mu_law_encode(x: Tensor, levels: int = 256) -> Tensor:
-    """Levels ``0..K-1`` (as floats) of audio ``x`` in ``[-1, 1]``: ``F(x)`` (see the module
-    docstring) rounded to the nearest of ``K`` evenly spaced points of ``[-1, 1]``."""
-    if levels < 2:
-        raise DGMError(f"mu-law needs at least 2 levels, got {levels}")
-    if not torch.isfinite(x).all() or (x.abs() > 1).any():
-        raise DataError("mu_law_encode needs finite audio in [-1, 1]; normalize it first (x / max|x|)")
-    mu = levels - 1
-    companded = torch.sign(x) * torch.log1p(mu * x.abs()) / math.log1p(mu)
-    return torch.round((companded + 1) / 2 * mu)
-
-
-def mu_law_decode(q: Tensor, levels: int = 256) -> Tensor:
-    """Audio in ``[-1, 1]`` of levels ``q``: the inverse of ``F`` at each level's point,
-    ``sign(y) ((1 + mu)^|y| - 1) / mu`` with ``y = 2 q / mu - 1``."""
-    mu = levels - 1
-    y = 2 * q / mu - 1
-    return torch.sign(y) * (torch.pow(float(1 + mu), y.abs()) - 1) / mu  # pow: exactly +-1 at the ends
 
 
 # --- the model ---------------------------------------------------------------------------------------
@@ -110,6 +88,7 @@ PRESETS = {
 }
 
 
+@register_model
 class WaveNet(AutoregressiveModel):
     """Gated causal dilated convolutions over binary or categorical sequences, with cached generation."""
 

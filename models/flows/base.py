@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from models.autoregressive.base import AutoregressiveDistribution
 from models.base import DataSpec, DGMError, GenerativeModel
+from models.flows.logit import LOGIT_LAMBDA, logit_log_jacobian
 from models.flows.transforms import BatchNormFlow, Transform
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
@@ -171,8 +172,6 @@ def logit_bits_per_dim(log_p_y: Tensor, y: Tensor, lam: Optional[float] = None) 
 
         bits/dim = -(log p_x(x) - D log 256) / (D log 2)
     """
-    from experiments.data import LOGIT_LAMBDA, logit_log_jacobian  # only the logit map; no data loading
-
     d = y[0].numel()
     log_p_x = log_p_y + logit_log_jacobian(y, LOGIT_LAMBDA if lam is None else lam)
     return -(log_p_x - d * math.log(256)) / (d * math.log(2))

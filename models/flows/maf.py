@@ -29,6 +29,7 @@ import torch
 from models.base import DGMError
 from models.flows.base import FlowModel
 from models.flows.transforms import BatchNormFlow, MaskedAffineAutoregressive, Transform
+from models.registry import register_model
 
 __all__ = ["MAF", "MAFConfig", "PRESETS"]
 
@@ -54,6 +55,7 @@ PRESETS = {
 }
 
 
+@register_model
 class MAF(FlowModel):
     """Masked autoregressive flow: Gaussian MADEs in alternating orders."""
 

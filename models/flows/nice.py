@@ -29,6 +29,7 @@ from typing import List, Optional, Tuple
 
 from models.flows.base import FlowModel, check_couplings
 from models.flows.transforms import AdditiveCoupling, DiagonalScaling, Transform, coupling_mask
+from models.registry import register_model
 
 __all__ = ["NICE", "NICEConfig", "PRESETS"]
 
@@ -53,6 +54,7 @@ PRESETS = {
 }
 
 
+@register_model
 class NICE(FlowModel):
     """Additive couplings with alternating partitions, then a diagonal scaling."""
 

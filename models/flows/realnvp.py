@@ -31,6 +31,7 @@ from typing import List, Optional, Tuple
 from models.base import DGMError
 from models.flows.base import FlowModel, check_couplings
 from models.flows.transforms import NORMALIZATIONS, AffineCoupling, Transform, coupling_mask
+from models.registry import register_model
 
 __all__ = ["RealNVP", "RealNVPConfig", "PRESETS"]
 
@@ -57,6 +58,7 @@ PRESETS = {
 }
 
 
+@register_model
 class RealNVP(FlowModel):
     """Affine couplings with alternating masks and a normalization layer after each."""
 

@@ -49,6 +49,7 @@ from models.base import DataSpec, DGMError, GenerativeModel
 from models.latent.gaussian import diagonal_normal, standard_normal
 from models.nn import MLP
 from models.nn.units import units_for
+from models.registry import register_model
 
 __all__ = ["ARVAE", "ARVAEConfig", "ConditionalAutoregressiveDistribution", "PRESETS", "DECODERS"]
 
@@ -143,6 +144,7 @@ def build_decoder(data_spec: DataSpec, config: ARVAEConfig) -> nn.Module:
     return cls(data_spec, decoder_config, context_dim=config.latent_dim)
 
 
+@register_model
 class ARVAE(GenerativeModel):
     """VAE whose decoder is a conditional PixelCNN / Gated PixelCNN / LSTM (see the module docstring)."""
 

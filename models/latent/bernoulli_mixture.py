@@ -47,6 +47,7 @@ from torch.nn import functional as F
 from models.base import DataError, DataSpec, DGMError
 from models.latent.mixture import MixtureModel
 from models.nn import likelihood_for
+from models.registry import register_model
 
 __all__ = ["BernoulliMixture", "BernoulliMixtureConfig", "PRESETS"]
 
@@ -74,6 +75,7 @@ PRESETS = {
 }
 
 
+@register_model
 class BernoulliMixture(MixtureModel):
     """Mixture of ``K`` product-Bernoulli components, parameterized by pixel logits ``[K, D]``."""
 

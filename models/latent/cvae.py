@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from models.base import DataError, DataSpec, DGMError, GenerativeModel
 from models.latent.gaussian import diagonal_normal, standard_normal
 from models.nn import MLP, likelihood_for
+from models.registry import register_model
 
 
 @dataclass
@@ -72,6 +73,7 @@ def concat(a: Tensor, b: Tensor) -> Tensor:
     return torch.cat([a.expand(batch + a.shape[-1:]), b.expand(batch + b.shape[-1:])], dim=-1)
 
 
+@register_model
 class CVAE(GenerativeModel):
     """VAE whose encoder and decoder both see the one-hot class label."""
 

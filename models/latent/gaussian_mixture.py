@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from models.base import DataError, DataSpec, DGMError
 from models.latent.mixture import MixtureModel
+from models.registry import register_model
 
 __all__ = ["GaussianMixture", "GaussianMixtureConfig", "PRESETS"]
 
@@ -63,6 +64,7 @@ PRESETS = {
 }
 
 
+@register_model
 class GaussianMixture(MixtureModel):
     """Mixture of ``K`` Gaussians with full or diagonal covariances, given by ``scale_tril``."""
 

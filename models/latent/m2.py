@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import pyro
 import pyro.distributions as dist
@@ -52,6 +52,7 @@ from torch import Tensor
 from models.base import DataSpec, DGMError
 from models.latent.cvae import CVAE, CVAEConfig
 from models.nn import MLP
+from models.registry import register_model
 
 
 @dataclass
@@ -69,6 +70,7 @@ PRESETS = {
 }
 
 
+@register_model
 class M2(CVAE):
     """Semi-supervised VAE: the conditional VAE plus a classifier ``q(y | x)`` and the
     class as a latent variable wherever the label is missing."""
@@ -134,6 +136,10 @@ class M2(CVAE):
     def classify(self, x: Tensor) -> Tensor:
         """``argmax_y q(y | x)``, ``[B]`` int64."""
         return self.classifier_logits(x).argmax(-1)
+
+    def report(self, x: Tensor, labels: Optional[Tensor] = None) -> Dict[str, float]:
+        """The classifier q(y | x)'s test accuracy, where the test data has labels."""
+        return {} if labels is None else {"accuracy": accuracy(self, x, labels)}
 
 
 @torch.no_grad()

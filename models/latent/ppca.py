@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from models.base import DataError, DataSpec, DGMError, GenerativeModel
+from models.registry import register_model
 
 __all__ = ["LinearGaussianEncoder", "PPCA", "PPCAConfig"]
 
@@ -81,6 +82,7 @@ class LinearGaussianEncoder(nn.Module):
         self.scale_tril_raw.copy_(torch.tril(scale_tril, diagonal=-1) + torch.diag_embed(scale_tril.diagonal().log()))
 
 
+@register_model
 class PPCA(GenerativeModel):
     """Probabilistic PCA: ``z ~ N(0, I_q)``, ``x | z ~ N(W z + mu, sigma^2 I_D)``.
 

@@ -45,6 +45,7 @@ from torch.nn import functional as F
 
 from models.base import DataError, DataSpec, DGMError, GenerativeModel
 from models.nn import likelihood_for
+from models.registry import register_model
 
 __all__ = ["SBN", "SBNConfig", "PRESETS", "MAX_EXACT_BITS", "all_binary_vectors"]
 
@@ -82,6 +83,7 @@ def _bernoulli_log_prob(logits: Tensor, value: Tensor) -> Tensor:
     return -F.binary_cross_entropy_with_logits(logits, value, reduction="none").sum(-1)
 
 
+@register_model
 class SBN(GenerativeModel):
     """Sigmoid belief network with binary latent layers and binary pixels."""
 

@@ -32,6 +32,7 @@ from torch import Tensor
 from models.base import DataSpec, DGMError, GenerativeModel
 from models.latent.gaussian import diagonal_normal, standard_normal
 from models.nn import MLP, likelihood_for
+from models.registry import register_model
 
 
 @dataclass
@@ -53,6 +54,7 @@ PRESETS = {
 }
 
 
+@register_model
 class VAE(GenerativeModel):
     """Single-stochastic-layer VAE with an MLP encoder and decoder."""
 

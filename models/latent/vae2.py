@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from models.base import DataSpec, DGMError, GenerativeModel
 from models.nn import MLP, likelihood_for
+from models.registry import register_model
 
 
 @dataclass
@@ -66,6 +67,7 @@ class ConditionalGaussian(nn.Module):
         return dist.Normal(loc, nn.functional.softplus(raw) + self.min_scale).to_event(1)
 
 
+@register_model
 class VAE2(GenerativeModel):
     """VAE with two Gaussian stochastic layers h2 -> h1 -> x (Burda et al. 2016)."""
 

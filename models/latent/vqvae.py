@@ -61,6 +61,7 @@ from models.autoregressive.pixelcnn import raster_shape
 from models.base import DataSpec, DGMError, GenerativeModel
 from models.nn import likelihood_for
 from models.nn.quantize import Quantized, UniformCodebook, VectorQuantizer
+from models.registry import register_model
 
 
 @dataclass
@@ -119,6 +120,7 @@ def _decoder(cfg: VQVAEConfig, out_channels: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+@register_model
 class VQVAE(GenerativeModel):
     """VQ-VAE with a uniform prior over code grids; see the module docstring."""
 

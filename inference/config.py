@@ -1,0 +1,132 @@
+"""Typed configuration of the inference parts: one dataclass per component.
+
+* :class:`ObjectiveConfig`: which objective (``OBJECTIVES``) and its settings, KL schedules
+  included.
+* :class:`GuideConfig`: which guide (``GUIDES``) and its settings.
+* :class:`TrainConfig`: the training loop (optimizer, batches, epochs, checkpoints).
+* :class:`EvalConfig`: the held-out evaluation (estimator from ``ESTIMATORS`` and its
+  settings).
+
+Every field carries its command-line help in ``metadata["help"]`` (and, where the values are
+a fixed set, ``metadata["choices"]``); ``experiments.config`` turns these dataclasses into
+the ``dgm`` flags in one place, so a new setting is one field here. Fields marked
+``metadata["display"] = True`` change what is shown or where it runs, not what is
+computed: a run may resume with other values of them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, Optional
+
+from models.base import DGMError
+
+
+def setting(default: Any, help: str, **meta) -> Any:
+    """A config field with its command-line help (and optional ``choices``, ``display``)."""
+    return field(default=default, metadata={"help": help, **meta})
+
+
+class ConfigError(DGMError, ValueError):
+    """A configuration value out of range; the message names the setting and the fix."""
+
+
+def require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def finite(value: float) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = setting("elbo", "training objective (see `dgm list`)", flag="objective")
+    k: int = setting(1, "samples per datapoint in the objective")
+    analytic_kl: bool = setting(False, "closed-form KL in the ELBO where available")
+    baseline: str = setting("average", "baseline of the score-function ELBO", choices=("none", "average", "neural"))
+    kl_warmup: int = setting(0, "KL annealing: steps to warm beta up to 1 (0: off)")
+    kl_beta0: float = setting(0.0, "KL annealing: beta at step 0")
+    free_bits: float = setting(0.0, "free bits: nats floor per latent group (0: off)")
+    free_bits_per: str = setting("site", "free bits groups", choices=("site", "dimension"))
+
+    def check(self) -> None:
+        require(self.k >= 1, f"--k must be >= 1, got {self.k}")
+        require(self.kl_warmup >= 0, f"--kl-warmup must be >= 0 steps, got {self.kl_warmup}")
+        require(finite(self.kl_beta0) and 0 <= self.kl_beta0 <= 1, f"--kl-beta0 must be in [0, 1], got {self.kl_beta0}")
+        require(finite(self.free_bits) and self.free_bits >= 0, f"--free-bits must be >= 0, got {self.free_bits}")
+
+    def describe(self) -> str:
+        """The objective and the settings that change it, e.g. ``iwae K=5``."""
+        return self.name + (f" K={self.k}" if self.k > 1 else "")
+
+
+@dataclass
+class GuideConfig:
+    name: str = setting(
+        "amortized", "guide (see `dgm list`): the model's encoder, local parameters, a flow", flag="guide"
+    )
+    flow_depth: int = setting(2, "flow guides: number of flow steps")
+    flow_hidden: Optional[int] = setting(None, "flow guides: hidden width (default max(16, 4 * latent size))")
+    refit_epochs: int = setting(20, "local guides: epochs to fit held-out data with the model frozen")
+
+    def check(self) -> None:
+        require(self.flow_depth >= 1, f"--flow-depth must be >= 1, got {self.flow_depth}")
+        require(self.refit_epochs >= 1, f"--refit-epochs must be >= 1, got {self.refit_epochs}")
+        require(
+            self.flow_hidden is None or self.flow_hidden >= 1, f"--flow-hidden must be >= 1, got {self.flow_hidden}"
+        )
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = setting(10, "passes over the training set")
+    batch_size: int = setting(100, "datapoints per optimizer step")
+    lr: float = setting(1e-3, "Adam learning rate")
+    adam_eps: float = setting(1e-4, "Adam epsilon")
+    seed: int = setting(0, "seeds the model's initialization, the data order and every sample")
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N", display=True)
+    log_every: int = setting(50, "steps between metrics lines (host syncs)", display=True)
+    validate: bool = setting(True, "compute the validation bound after each epoch", cli=False)
+    patience: Optional[int] = setting(None, "early stopping after this many epochs without improvement")
+    checkpoint_seconds: float = setting(60.0, "checkpoint at least this often (and at every epoch end)", display=True)
+    max_steps: Optional[int] = setting(None, "stop after this many optimizer steps")
+    progress: bool = setting(True, "progress bars", display=True, cli=False)
+
+    def check(self) -> None:
+        require(self.epochs >= 0, f"--epochs must be >= 0, got {self.epochs}")
+        require(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        require(finite(self.lr) and self.lr > 0, f"--lr must be a finite number > 0, got {self.lr}")
+        require(finite(self.adam_eps) and self.adam_eps > 0, f"--adam-eps must be > 0, got {self.adam_eps}")
+        require(self.log_every >= 1, f"--log-every must be >= 1, got {self.log_every}")
+        require(self.patience is None or self.patience >= 1, f"--patience must be >= 1, got {self.patience}")
+        require(
+            finite(self.checkpoint_seconds) and self.checkpoint_seconds >= 0,
+            f"--checkpoint-seconds must be a finite number >= 0, got {self.checkpoint_seconds}",
+        )
+        require(self.max_steps is None or self.max_steps >= 1, f"--max-steps must be >= 1, got {self.max_steps}")
+
+
+@dataclass
+class EvalConfig:
+    estimator: str = setting("auto", "log p(x) estimator (see `dgm list`); auto: exact where it exists, else is")
+    k: int = setting(1000, "samples per datapoint of the sampling estimators")
+    limit: Optional[int] = setting(None, "evaluate the first N datapoints only")
+    batch_size: int = setting(100, "datapoints per evaluation batch", display=True)
+
+    def check(self) -> None:
+        require(self.k >= 1, f"the number of samples K must be >= 1, got {self.k}")
+        require(self.limit is None or self.limit >= 1, f"--limit must be >= 1, got {self.limit}")
+        require(self.batch_size >= 1, f"the evaluation batch size must be >= 1, got {self.batch_size}")
+
+
+def from_dict(cls, values: Optional[Dict[str, Any]], what: str):
+    """``cls(**values)``, refusing unknown keys with the list of known ones."""
+    values = dict(values or {})
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{what}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return cls(**values)

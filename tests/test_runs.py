@@ -1,0 +1,124 @@
+"""Run directories and configs: config.json round-trips, finished runs load without any
+training or data pass, and every part is listed and built through its registry."""
+
+import json
+
+import pytest
+import torch
+
+from experiments import runs
+from experiments.cli import build_parser, main
+from experiments.config import FLAT, RunConfig, read_config
+from experiments.data import DATASETS
+from inference import ESTIMATORS, GUIDES, OBJECTIVES, EvalConfig, evaluate
+from models import MODELS
+
+TINY = ["--data", "digits", "--preset", "small", "--epochs", "1", "--max-steps", "3", "--device", "cpu"]
+TINY += ["--eval-k", "3", "--eval-limit", "10", "--no-progress"]
+
+
+def test_config_json_round_trips_and_reproduces_the_run_bit_for_bit(tmp_path, capsys):
+    first, again = tmp_path / "first", tmp_path / "again"
+    assert main(["train", "vae", *TINY, "--objective", "iwae", "--k", "2", "--run-dir", str(first)]) == 0
+    config = read_config(first / "config.json")
+    assert RunConfig.from_json(json.loads(json.dumps(config.to_json()))) == config
+    assert config.objective.name == "iwae" and config.objective.k == 2 and config.eval.k == 3
+    assert main(["train", "--config", str(first / "config.json"), "--run-dir", str(again)]) == 0
+    a = torch.load(first / "final.pt", weights_only=True)
+    b = torch.load(again / "final.pt", weights_only=True)
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    sa, sb = (json.loads((d / "summary.json").read_text())["test"] for d in (first, again))
+    assert sa["nll"] == sb["nll"] and sa["elbo"] == sb["elbo"]
+
+
+def test_config_flags_change_a_loaded_config(tmp_path):
+    base = RunConfig.from_flat(model="vae", data="digits", epochs=7, eval_k=11, opt={"latent_dim": 3})
+    args = build_parser().parse_args(["train", "--k", "4", "--opt", "hidden=5"])
+    from experiments.config import config_from_args
+
+    changed = config_from_args(args, base)
+    assert changed.objective.k == 4 and changed.train.epochs == 7 and changed.eval.k == 11
+    assert changed.model.options == {"latent_dim": 3, "hidden": 5}
+
+
+def test_the_flat_format_of_earlier_versions_still_reads():
+    legacy = {
+        "model": "vae",
+        "preset": "small",
+        "options": {"latent_dim": 2},
+        "data": "digits",
+        "objective": "iwae",
+        "k": 5,
+        "guide": "iaf",
+        "flow_depth": 3,
+        "train": {"epochs": 4, "eval_k": 50, "eval_limit": 10, "device": "cpu"},
+    }
+    config = RunConfig.from_json(legacy)
+    assert (config.model.name, config.model.preset, config.model.options) == ("vae", "small", {"latent_dim": 2})
+    assert (config.objective.name, config.objective.k, config.guide.name, config.guide.flow_depth) == (
+        "iwae",
+        5,
+        "iaf",
+        3,
+    )
+    assert (config.train.epochs, config.eval.k, config.eval.limit) == (4, 50, 10)
+
+
+def test_a_finished_run_loads_without_training_or_data(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    assert main(["train", "vae", *TINY, "--run-dir", str(run_dir)]) == 0
+    before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
+
+    def no_data(*a, **k):
+        raise AssertionError("load_run touched the data")
+
+    monkeypatch.setattr(runs, "load_data", no_data)
+    monkeypatch.setattr(runs.Runner, "fit", lambda self: pytest.fail("load_run trained"))
+    run = runs.load_run(run_dir)
+    assert run.finished and not run.model.training
+    final = torch.load(run_dir / "final.pt", weights_only=True)["model"]
+    assert all(torch.equal(v, final[k]) for k, v in run.model.state_dict().items())
+    assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before  # nothing rewritten
+    # and the standalone evaluation works on the restored pair
+    x = torch.bernoulli(torch.full((6, 64), 0.3))
+    out = evaluate(run.model, run.guide, x, EvalConfig(estimator="is", k=5))
+    assert out["n"] == 6 and out["settings"] == {"K": 5} and torch.isfinite(torch.tensor(out["nll"]))
+
+
+def test_a_python_api_run_is_a_run_directory_the_cli_accepts(tmp_path, capsys):
+    config = RunConfig.from_flat(model="vae", preset="small", data="digits", epochs=1, max_steps=2, device="cpu")
+    config.eval.k, config.eval.limit, config.train.progress = 3, 5, False
+    runs.train_run(config, tmp_path / "api")
+    assert main(["eval", str(tmp_path / "api"), "--k", "2", "--limit", "3"]) == 0
+    assert main(["compare", str(tmp_path / "api")]) == 0
+    assert "vae[small]" in capsys.readouterr().out
+
+
+def test_registries_are_the_cli_choices_and_what_dgm_list_shows(capsys):
+    assert main(["list"]) == 0
+    listed = capsys.readouterr().out
+    for registry in (MODELS, DATASETS, OBJECTIVES, GUIDES, ESTIMATORS):
+        assert len(registry) and all(f"  {name} " in listed for name in registry)
+    parser = build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]
+    choices = {a.dest: a.choices for a in train._actions}
+    assert choices["objective"] == OBJECTIVES.names() and choices["guide"] == GUIDES.names()
+    assert choices["data"] == DATASETS.names() and choices["eval_estimator"] == ["auto"] + ESTIMATORS.names()
+    assert set(FLAT) - {"model"} <= set(choices) | {"validate", "progress"}
+
+
+def test_every_flag_maps_to_one_config_field():
+    sections = {}
+    for flat, (section, name) in FLAT.items():
+        assert (section, name) not in sections.values(), flat
+        sections[flat] = (section, name)
+    assert FLAT["k"] == ("objective", "k") and FLAT["eval_k"] == ("eval", "k") and FLAT["data"] == ("data", "name")
+
+
+def test_unknown_parts_are_refused_with_the_choices():
+    from models.registry import UnknownPartError
+
+    for registry in (MODELS, OBJECTIVES, GUIDES, ESTIMATORS):
+        with pytest.raises(UnknownPartError, match="choose from"):
+            registry.get("no-such-part")
