@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -28,6 +29,15 @@ from experiments.latent_tools import WHAT as LATENT_VIEWS
 from models.base import DGMError
 
 DEFAULT_RUNS = Path("runs")
+
+
+def _check_writable(path: Optional[Path], flag: str = "--out") -> None:
+    """Refuse an output path whose folder cannot be written, before any work is done."""
+    if path is None:
+        return
+    folder = Path(path).parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise DGMError(f"{flag} {path}: the folder {folder} does not exist or is not writable; choose another path")
 
 
 def _registry_choices() -> dict:
@@ -149,6 +159,7 @@ def cmd_sample(a) -> None:
 
     if a.n < 1:
         raise DGMError(f"--n must be >= 1, got {a.n}")
+    _check_writable(a.out)
     run = load_run(a.run)
     if a.condition_on is not None:
         from experiments.plots import save_completions
@@ -179,6 +190,7 @@ def _score_data(run: Path, name: Optional[str], split: str):
 
 
 def cmd_score(a) -> None:
+    _check_writable(a.out)
     from experiments.runs import score_run
 
     if not (Path(a.run) / "config.json").exists():

@@ -1,8 +1,21 @@
 """Helpers shared by test modules."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 from inference import ELBO, Runner, TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "experiments.cli"]
+TINY_EVAL = ["--no-progress", "--eval-k", "10", "--eval-limit", "10"]
+
+
+def run_cli(args, **kw):
+    """Run ``args`` (e.g. ``CLI + [...]``) in the repository root; the completed process."""
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, **kw)
 
 
 def fit_exact(model, data, *, epochs: int = 30, lr: float = 1e-3) -> float:

@@ -1,19 +1,15 @@
-"""Finite mixtures and the enumerated ELBO against brute-force sums over components,
-numerical integration, EM's monotonicity and its stationary points (float64, fixed seeds)."""
+"""Finite mixtures against brute-force sums over components and numerical integration
+(float64, fixed seeds). Their enumerated ELBO is tested in ``test_enum``, their EM in
+``test_em``."""
 
 from __future__ import annotations
 
-import math
-
-import pyro
 import pytest
 import torch
-from pyro.infer import SVI, TraceEnum_ELBO
 
 from experiments import data as datasets
 from inference.config import ObjectiveConfig
 from inference.em import run_em
-from inference.enum import EnumELBO
 from inference.estimators import estimate_dataset
 from inference.objective import make_objective
 from inference.runner import Runner, TrainConfig
@@ -122,128 +118,7 @@ def test_sampling_estimators_converge_to_exact_log_prob(float64, method):
     assert (est.elbo < exact).all()
 
 
-# --- EM ------------------------------------------------------------------------------------
-def _em_data(kind: str, n: int = 400):
-    truth = MIXTURES[kind](seed=7, k=4)
-    return truth.sample(n)
-
-
-@pytest.mark.parametrize("kind", ["bernoulli", "gaussian-full", "gaussian-diag"])
-def test_maximum_likelihood_em_never_decreases_the_log_likelihood(float64, kind):
-    base, covariance = (kind, "full") if kind != "gaussian-diag" else ("gaussian-full", "diag")
-    x = _em_data(base)
-    opts = {"weight_pseudocount": 0.0}
-    if base == "bernoulli":
-        opts["pixel_pseudocount"] = 0.0
-        m = bernoulli_mixture(k=4, seed=3, **opts)
-    else:
-        m = gaussian_mixture(k=4, seed=3, covariance=covariance, reg_covar=0.0, **opts)
-    steps = 40
-    history = run_em(m, x, steps=steps, tol=-math.inf, progress=False)
-    assert len(history) == steps + 1
-    diffs = torch.tensor(history).diff()
-    assert (diffs >= -1e-10).all(), diffs.min()
-    assert history[-1] > history[0] + 0.5
-
-
-def test_map_em_never_decreases_the_log_posterior(float64):
-    """With pseudo-counts EM maximises log p(x) + log p(theta): that is what must rise."""
-    x = _em_data("bernoulli")
-    m = bernoulli_mixture(k=4, seed=3, pixel_pseudocount=0.5, weight_pseudocount=2.0)
-    values = []
-    for _ in range(30):
-        with torch.no_grad():
-            values.append((m.log_prob(x).sum() + m.log_prior()).item())
-        m.em_update(x)
-    diffs = torch.tensor(values).diff()
-    assert (diffs >= -1e-9).all(), diffs.min()
-    assert (m.means > 0).all() and (m.means < 1).all()  # smoothed: no log 0 on unseen pixels
-
-
-@pytest.mark.parametrize("kind", ["bernoulli", "gaussian-full"])
-def test_em_fixed_point_is_a_stationary_point_of_the_likelihood(float64, kind):
-    """At convergence of ML-EM the gradient of the log-likelihood vanishes (weights and
-    component parameters alike)."""
-    x = _em_data(kind)
-    if kind == "bernoulli":
-        m = bernoulli_mixture(k=3, seed=3, pixel_pseudocount=0.0, weight_pseudocount=0.0)
-    else:
-        m = gaussian_mixture(k=3, seed=3, reg_covar=0.0, weight_pseudocount=0.0)
-    run_em(m, x, steps=3000, tol=1e-13, progress=False)
-    m.zero_grad()
-    m.log_prob(x).mean().backward()
-    params = [m.weight_logits, m.logits] if kind == "bernoulli" else [m.weight_logits, m.loc, m.raw_scale_tril]
-    # ML-EM may set a pixel mean to exactly 0 or 1 (clamped to eps): its logit gradient is O(eps)
-    worst = max(p.grad.abs().max().item() for p in params)
-    assert worst < 1e-6, worst
-
-
-def test_em_checks_the_data_first(float64):
-    m = bernoulli_mixture()
-    with pytest.raises(DataError, match="binarize"):
-        run_em(m, torch.full((4, 6), 0.5, dtype=torch.float64), progress=False)
-
-
-# --- the enumerated ELBO -------------------------------------------------------------------
-@pytest.mark.parametrize("kind", MIXTURES)
-def test_model_enumerated_elbo_equals_exact_log_prob(float64, kind):
-    """With an empty guide, z is summed out in the model: ELBO = log p(x) per datapoint,
-    and a subsampled minibatch's loss is -(N / B) sum_b log p(x_b)."""
-    m, x = mixture_and_data(kind, n=10, encoder=False)
-    with torch.no_grad():
-        exact = m.log_prob(x)
-    bound = EnumELBO().bound(m.model, m.guide, x)
-    torch.testing.assert_close(bound, exact, rtol=0, atol=1e-6)
-    idx = torch.tensor([2, 5, 7])
-    loss, terms = EnumELBO(max_plate_nesting=1).loss_terms(m.model, m.guide, x[idx], idx, 10)
-    torch.testing.assert_close(loss, -(10 / 3) * m.log_prob(x[idx]).sum(), rtol=0, atol=1e-9)
-    torch.testing.assert_close(terms["bound"], exact[idx].mean(), rtol=0, atol=1e-9)
-
-
-def test_guide_enumerated_elbo_is_the_exact_expectation_under_q(float64):
-    """With z enumerated in the guide, ELBO = sum_z q(z|x) [log p(x, z) - log q(z|x)] (no
-    sampling noise, any number of particles); with q the exact posterior (a linear encoder
-    can represent it for a Bernoulli mixture) it equals log p(x)."""
-    m = bernoulli_mixture(d=6, k=3)
-    with torch.no_grad():
-        m.encoder[-1].weight.normal_()
-    x = m.sample(12)
-    q = torch.distributions.Categorical(logits=m.encoder(x))
-    expected = (q.probs * (m.joint_log_prob(x) - q.logits)).sum(-1)
-    for particles in (1, 3):
-        torch.testing.assert_close(EnumELBO(particles).bound(m.model, m.guide, x), expected.detach())
-    with torch.no_grad():  # posterior logits: log pi_k + x . l_k - sum_d softplus(l_kd)
-        m.encoder[-1].weight.copy_(m.logits)
-        m.encoder[-1].bias.copy_(m.log_weights - torch.nn.functional.softplus(m.logits).sum(-1))
-        exact = m.log_prob(x)
-    torch.testing.assert_close(EnumELBO().bound(m.model, m.guide, x), exact, rtol=0, atol=1e-10)
-
-
-@pytest.mark.parametrize("encoder", [False, True])
-def test_enum_elbo_total_and_gradients_equal_pyro_trace_enum_elbo(float64, encoder):
-    m, x = mixture_and_data("bernoulli", n=9, encoder=encoder)
-    idx = torch.arange(9)
-    ours = EnumELBO(max_plate_nesting=1).differentiable_loss(m.model, m.guide, x, idx, 30)
-    grads = torch.autograd.grad(ours, list(m.parameters()), allow_unused=True)
-    theirs = TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(m.model, m.guide, x, idx, 30)
-    ref = torch.autograd.grad(theirs, list(m.parameters()), allow_unused=True)
-    torch.testing.assert_close(ours, theirs)
-    for a, b in zip(grads, ref):
-        assert (a is None) == (b is None)
-        if a is not None:
-            torch.testing.assert_close(a, b)
-
-
-def test_enum_elbo_drives_pyro_svi(float64):
-    m, x = mixture_and_data("bernoulli", n=50, encoder=False)
-    model, guide = m.svi_pair()
-    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), EnumELBO())
-    before = m.log_prob(x).mean().item()
-    for _ in range(30):
-        svi.step(x)
-    assert m.log_prob(x).mean().item() > before
-
-
+# --- training through the runner ------------------------------------------------------------
 @pytest.mark.parametrize("objective", ["elbo-sf", "elbo-enum"])
 def test_training_through_the_runner_improves_the_likelihood(objective):
     data = datasets.load("digits")
@@ -275,54 +150,3 @@ def test_registry_presets_and_bad_configs():
         m.em_update(torch.tensor([[1.0, 2.0]] * 3))
     with pytest.raises(DGMError, match="num_components"):
         BernoulliMixture(DataSpec((4,), "binary"), BernoulliMixtureConfig(num_components=0))
-
-
-# --- EM through the runner (--objective em) ---------------------------------------------------------
-def test_runner_em_steps_are_run_em_steps_and_never_decrease_the_likelihood(float64, one_thread):
-    import copy
-    from dataclasses import replace
-
-    data = datasets.load("digits")  # static binary data: every epoch sees the same training set
-    data = replace(data, train=data.train.double(), val=data.val.double(), test=data.test.double())  # model's dtype
-    torch.manual_seed(0)
-    model = BernoulliMixture(data.spec, BernoulliMixtureConfig(num_components=6, encoder=False)).double()
-    reference = copy.deepcopy(model)
-    config = TrainConfig(epochs=5, device="cpu", progress=False, validate=False, checkpoint_seconds=1e9)
-    runner = Runner(model, data, make_objective(ObjectiveConfig(name="em")), config=config)
-    runner.fit()
-    history = run_em(reference, data.train.double(), steps=5, tol=-math.inf, progress=False)
-    for (name, got), (_, want) in zip(model.named_parameters(), reference.named_parameters()):
-        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9, msg=name)  # rows permuted: sums reordered
-    assert all(b >= a - 1e-9 for a, b in zip(history, history[1:]))
-
-
-def test_dgm_train_em_and_its_errors(tmp_path, one_thread):
-    import json
-
-    from experiments.cli import main
-
-    run = tmp_path / "em"
-    args = ["train", "bernoulli_mixture", "--preset", "small", "--data", "digits", "--objective", "em"]
-    assert main(args + ["--epochs", "4", "--no-progress", "--run-dir", str(run)]) == 0
-    train = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
-    bounds = [r["bound"] for r in train if r["split"] == "train"]
-    assert len(bounds) == 4 and all(b >= a - 1e-4 for a, b in zip(bounds, bounds[1:]))  # EM: monotone (float32)
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["test"]["estimator"] == "exact" and summary["steps"] == 4
-    assert (
-        main(
-            [
-                "train",
-                "vae",
-                "--preset",
-                "small",
-                "--data",
-                "digits",
-                "--objective",
-                "em",
-                "--run-dir",
-                str(tmp_path / "v"),
-            ]
-        )
-        == 2
-    )  # no closed-form step: one line, exit 2

@@ -242,21 +242,3 @@ def test_make_objective_rejects_bad_settings():
         make_objective(ObjectiveConfig(name="iwae", k=0))
     with pytest.raises(DGMError, match="baseline"):
         make_objective(ObjectiveConfig(name="elbo-sf", baseline="magic"))
-
-
-def test_global_latent_sites_are_refused_with_a_message(float64):
-    class Global(GenerativeModel):
-        def __init__(self):
-            super().__init__(DataSpec((1,), "real"))
-
-        def model(self, x, idx=None, size=None):
-            pyro.sample("w", dist.Normal(0.0, 1.0))
-            with self.data_plate(x, idx, size):
-                pyro.sample("x", dist.Normal(0.0, 1.0).expand([1]).to_event(1), obs=x)
-
-        def guide(self, x, idx=None, size=None):
-            pyro.sample("w", dist.Normal(0.0, 1.0))
-
-    g = Global()
-    with pytest.raises(DGMError, match="outside the 'data' plate"):
-        ELBO(1).differentiable_loss(g.model, g.guide, torch.zeros(3, 1))

@@ -246,21 +246,6 @@ def test_bad_specs_are_rejected(spec, config):
         PPCA(spec, config)
 
 
-def test_run_em_needs_em_update():
-    class NoEM:
-        def log_prob(self, x):
-            return x.sum(-1)
-
-    with pytest.raises(DGMError, match="em_update"):
-        run_em(NoEM(), torch.zeros(3, 2, dtype=torch.float64))
-
-
-def test_run_em_checks_data():
-    model = make_model()
-    with pytest.raises(DGMError):
-        run_em(model, torch.zeros(4, D + 1, dtype=torch.float64), progress=False)
-
-
 # --- Pyro ELBOs ---------------------------------------------------------------------
 def test_trace_elbo_with_exact_guide_is_tight():
     model = make_model()

@@ -231,3 +231,64 @@ def test_a_kill_during_the_checkpoint_write_resumes_bit_for_bit(tmp_path):
     assert resumed.returncode == 0
     a, b = (load_state(d / "final.pt")["model"] for d in (whole, killed))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["sample", "{run}", "--n", "0"],
+        ["sample", "{run}", "--n", "-3"],
+        ["sample", "{run}", "--out", "/proc/no/such/dir/x.png"],
+        ["eval", "{run}", "--limit", "0"],
+        ["eval", "{run}", "--k", "0"],
+        ["eval", "{run}", "--limit", "-5"],
+        ["score", "{run}", "--out", "/proc/no/such/dir/x.csv", "--limit", "2", "--k", "2"],
+        ["eval", "{run}/no-such-run"],
+    ],
+)
+def test_bad_arguments_to_finished_runs_are_one_line_errors(finished_run, capsys, command):
+    code = main([part.replace("{run}", str(finished_run)) for part in command])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("dgm: error:") and "\n" not in err, err
+
+
+def test_a_huge_k_is_refused_before_allocating_with_what_fits(tmp_path, capsys):
+    run = tmp_path / "run"
+    flags = ["--objective", "iwae", "--k", "100000000", "--run-dir", str(run)]
+    assert main(["train", "vae", "--data", "digits", "--preset", "small", *flags]) == 2
+    err = capsys.readouterr().err
+    assert "GiB" in err and "use --k" in err and not run.exists()
+
+
+def test_python_api_errors_are_dgm_errors_and_value_errors():
+    from experiments import data as datasets
+    from inference import IWAE, estimate_dataset
+    from models.base import DataSpec
+    from models.latent.vae import VAE, VAEConfig
+
+    with pytest.raises(ValueError):
+        IWAE(0)
+    with pytest.raises(DGMError):
+        IWAE(0)
+    with pytest.raises(DGMError, match="positive integers"):
+        DataSpec((-4,), "binary")
+    m = VAE(DataSpec((4,), "binary"), VAEConfig(latent_dim=1, encoder_hidden=(3,), decoder_hidden=(3,)))
+    for bad, match in [
+        (torch.zeros(2, 4, dtype=torch.float64), "float64 but"),
+        ([[0.0, 1.0, 0.0, 1.0]], "torch.Tensor"),
+        (torch.tensor([[0.0, float("nan"), 1.0, 1.0]]), "NaN"),
+    ]:
+        with pytest.raises(DGMError, match=match):
+            estimate_dataset(m, bad, method="is", num_samples=2, progress=False)
+    assert datasets.load("digits").train.dtype == torch.float32
+
+
+def test_sequence_models_sample_in_their_own_dtype():
+    from models.autoregressive.charrnn import CharRNN
+    from models.base import DataSpec
+
+    model = CharRNN(DataSpec((6,), "categorical", num_levels=4), CharRNN.presets["small"]).double()
+    x = model.sample(3)
+    assert x.dtype == torch.float64 and x.shape == (3, 6)
+    with pytest.raises(DGMError, match=">= 1"):
+        model.sample(0)

@@ -1,5 +1,5 @@
 """VAE2 (two stochastic layers) and the Gaussian decoders of VAE / VAE2, against closed forms
-and numerical integration, in float64."""
+and numerical integration, in float64. Active units per layer are tested in ``test_diagnostics``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import pytest
 import torch
 from pyro import poutine
 
-from inference.diagnostics import active_units
 from inference.logweights import compute_log_weights
 from models import MODELS
 from models.base import DataSpec, DGMError
@@ -130,60 +129,6 @@ def test_bad_config_is_a_dgm_error():
         VAE2(DataSpec((4,), "binary"), VAE2Config(h1_dim=0))
     with pytest.raises(DGMError, match="decoder scale"):
         VAE2(DataSpec((4,), "real"), VAE2Config(decoder_scale="per-galaxy"))
-
-
-# --- active units per layer ---------------------------------------------------------------------
-def _set_final(layer_net, loc_rows: torch.Tensor, loc_bias: float = 0.0, raw_scale: float = 0.0):
-    """Set the output layer of a ConditionalGaussian: loc weights ``loc_rows`` [L, in]."""
-    last = layer_net.net[-1]
-    n = loc_rows.shape[0]
-    with torch.no_grad():
-        last.weight.zero_()
-        last.weight[:n] = loc_rows
-        last.bias.zero_()
-        last.bias[:n] = loc_bias
-        last.bias[n:] = raw_scale
-
-
-def test_active_units_are_counted_per_layer(float64):
-    """h1: three units whose means vary with x (active), the rest constant; h2: its mean
-    ignores h1 (none active). The single-site VAE still gets an int."""
-    torch.manual_seed(0)
-    model = VAE2(DataSpec((8,), "binary"), VAE2Config(h1_dim=5, h2_dim=4, hidden1=(16,), hidden2=(8,))).double()
-    rows = torch.zeros(5, 16, dtype=torch.float64)
-    rows[:3] = 3.0 * torch.randn(3, 16, dtype=torch.float64)
-    _set_final(model.q_h1, rows)
-    _set_final(model.q_h2, torch.zeros(4, 8, dtype=torch.float64), loc_bias=1.5)
-    x = torch.bernoulli(torch.full((400, 8), 0.5, dtype=torch.float64))
-    assert active_units(model, model.guide, x) == {"h1": 3, "h2": 0, "total": 3}
-    vae = VAE(DataSpec((8,), "binary"), VAEConfig(latent_dim=4, encoder_hidden=(16,), decoder_hidden=(16,))).double()
-    assert isinstance(active_units(vae, vae.guide, x), int)
-
-
-def test_upper_layer_means_average_over_the_lower_layers_noise(float64):
-    """E_q[h2 | x] = E_q(h1|x)[loc2(h1)]: with q(h1|x) the same for every x, h2 is inactive
-    although a single draw of h1 would make loc2(h1) vary across x (Var = 0.09 > 0.01)."""
-    torch.manual_seed(0)
-    cfg = VAE2Config(h1_dim=1, h2_dim=1, hidden1=(4,), hidden2=(4,), activation="relu")
-    model = VAE2(DataSpec((6,), "binary"), cfg).double()
-    _set_final(model.q_h1, torch.zeros(1, 4, dtype=torch.float64), raw_scale=math.log(math.e**0.3 - 1))  # sd 0.3
-    # q(h2 | h1): loc = relu(h1) - relu(-h1) = h1 through two hidden units
-    hidden = model.q_h2.net[0]
-    with torch.no_grad():
-        hidden.weight.zero_()
-        hidden.bias.zero_()
-        hidden.weight[0, 0], hidden.weight[1, 0] = 1.0, -1.0
-    rows = torch.zeros(1, 4, dtype=torch.float64)
-    rows[0, 0], rows[0, 1] = 1.0, -1.0
-    _set_final(model.q_h2, rows)
-    x = torch.bernoulli(torch.full((2000, 6), 0.5, dtype=torch.float64))
-    from inference.diagnostics import posterior_means
-
-    one_draw = posterior_means(model.guide, x, num_draws=1)["h2"].var(0)
-    averaged = posterior_means(model.guide, x, num_draws=16)["h2"].var(0)
-    assert 0.07 < float(one_draw) < 0.11  # Var(h1) = 0.09: a single draw looks active
-    assert float(averaged) < 0.01  # 0.09 / 16
-    assert active_units(model, model.guide, x) == {"h1": 0, "h2": 0, "total": 0}
 
 
 # --- Gaussian decoders ---------------------------------------------------------------------------
