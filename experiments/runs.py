@@ -11,6 +11,7 @@ refused with the settings that differ, so two experiments never mix in one direc
 Python API::
 
     run = load_run("runs/vae-digits-elbo-amortized-s0")   # no training, no data pass
+    model = load_model("runs/vae-digits-elbo-amortized-s0")  # the model alone
     run.model, run.guide                                  # trained weights, eval-ready
     evaluate(run.model, run.guide, x, EvalConfig(estimator="is", k=5000))
 """
@@ -219,6 +220,12 @@ def load_run(run_dir: PathLike, device: Optional[str] = None) -> Run:
     model.to(target).eval()
     guide.to(target).eval()
     return Run(run_dir, config, model, guide, target, finished)
+
+
+def load_model(run_dir: PathLike, device: Optional[str] = None) -> GenerativeModel:
+    """The trained model of a run directory, in eval mode, without training or data:
+    ``load_run(run_dir, device).model``."""
+    return load_run(run_dir, device).model
 
 
 def _weights_path(run_dir: Path) -> Tuple[Path, bool]:

@@ -50,6 +50,9 @@ from models.registry import Registry
 ESTIMATORS = Registry("estimator")
 """Estimator name -> its class, built from an ``EvalConfig``."""
 
+FIELDS = ("K", "nll", "nll_stderr", "mc_stderr_mean", "ess_mean", "elbo", "khat_mean", "khat_frac_above_0.7")
+"""The summary fields an estimator may report (``Estimator.reports`` picks its own)."""
+
 
 @dataclass
 class Estimate:
@@ -64,10 +67,12 @@ class Estimate:
     num_samples: int
     settings: Optional[Dict[str, object]] = None  # the estimator's settings, as summaries name them
 
-    def summary(self) -> dict:
+    def summary(self, reports: Optional[Tuple[str, ...]] = None) -> dict:
+        """The dataset summary; fields outside ``reports`` (what the estimator declares
+        meaningful; ``None``: all) are ``None``, i.e. "not available"."""
         n = self.log_px.numel()
         khat = self.khat[torch.isfinite(self.khat)]
-        return {
+        out = {
             "estimator": self.method,
             "settings": dict(self.settings or {}),
             "K": self.num_samples,
@@ -81,6 +86,9 @@ class Estimate:
             "khat_mean": float(khat.mean()) if khat.numel() else float("nan"),
             "khat_frac_above_0.7": float((self.khat > 0.7).float().mean()),
         }
+        if reports is not None:
+            out.update({key: None for key in FIELDS if key not in reports})
+        return out
 
     @staticmethod
     def cat(parts: list) -> "Estimate":
@@ -188,11 +196,13 @@ def exact(log_prob: Callable[[Tensor], Tensor], x: Tensor) -> Estimate:
 class Estimator:
     """Base class: ``estimate`` one batch. ``settings`` names the ``EvalConfig`` fields the
     estimator uses (shown in summaries as ``{"K": k}`` etc.); ``uses_guide`` says whether it
-    proposes from a guide (and so whether guide diagnostics such as active units apply)."""
+    proposes from a guide (and so whether guide diagnostics such as active units apply);
+    ``reports`` names the summary fields (of ``FIELDS``) that mean something for it."""
 
     name: ClassVar[str] = ""
     settings: ClassVar[Tuple[str, ...]] = ()
     uses_guide: ClassVar[bool] = False
+    reports: ClassVar[Tuple[str, ...]] = ("nll", "nll_stderr")
 
     def __init__(self, config: EvalConfig):
         self.config = config
@@ -223,6 +233,7 @@ class Exact(Estimator):
 
 class _Sampling(Estimator):
     settings = ("k",)
+    reports = ("K", "nll", "nll_stderr", "mc_stderr_mean", "ess_mean", "khat_mean", "khat_frac_above_0.7")
 
     def estimate(self, model, x, *, guide=None, idx=None, size=None, conditions=None) -> Estimate:
         est = importance(
@@ -246,8 +257,12 @@ class Naive(_Sampling):
 
 @ESTIMATORS.register("is", "importance sampling with the guide as proposal, K samples (the IWAE_K bound)")
 class ImportanceSampling(_Sampling):
+    """Its mean log-weight is the guide's ELBO, reported as ``elbo``; the naive estimator's
+    (the mean log-likelihood under prior samples) is no ELBO and is not reported."""
+
     name = "is"
     uses_guide = True
+    reports = _Sampling.reports + ("elbo",)
 
 
 def default_estimator(model: GenerativeModel) -> str:

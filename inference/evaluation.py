@@ -60,7 +60,7 @@ def evaluate(
             conditions=conditions or None,
             estimator=estimator,
         )
-        out = {**est.summary(), "eval_seconds": time.time() - t0}
+        out = {**est.summary(estimator.reports), "eval_seconds": time.time() - t0}
         if estimator.uses_guide:
             out["active_units"] = active_units(model, guide, x, conditions=conditions or None)
     return out

@@ -47,6 +47,7 @@ for ``pyro.infer.SVI``, which finds parameters through Pyro's param store.
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Dict, Iterator, List, Literal, Optional, Tuple
@@ -182,8 +183,23 @@ def collect_aux_terms(train: bool = True) -> Iterator[AuxTerms]:
         _AUX_COLLECTORS.pop()
 
 
+def _checked_sample(sample: Callable) -> Callable:
+    """``sample`` refusing a number of samples that is not a positive integer."""
+
+    @functools.wraps(sample)
+    def checked(self, n, *args, **kwargs):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise DataError(f"the number of samples must be a positive integer, got {n!r}")
+        return sample(self, n, *args, **kwargs)
+
+    return checked
+
+
 class GenerativeModel(nn.Module):
-    """Base class of every model: a Pyro model/guide pair plus sampling and data checks."""
+    """Base class of every model: a Pyro model/guide pair plus sampling and data checks.
+
+    Every subclass's ``sample(n, ...)`` refuses an ``n`` that is not a positive integer
+    (checked here, once, for all models)."""
 
     name: ClassVar[str] = "model"
     has_exact_log_prob: ClassVar[bool] = False
@@ -193,6 +209,11 @@ class GenerativeModel(nn.Module):
     uses_labels: ClassVar[bool] = False  # model/guide take the keyword y (class labels)
     accepts_unlabelled: ClassVar[bool] = False  # y may mark unlabelled rows with -1 (semi-supervised)
     objectives: ClassVar[Optional[Tuple[str, ...]]] = None  # the objectives that train it correctly (None: all)
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "sample" in cls.__dict__:
+            cls.sample = _checked_sample(cls.__dict__["sample"])
 
     def __init__(self, data_spec: DataSpec) -> None:
         super().__init__()

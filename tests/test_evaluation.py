@@ -45,3 +45,17 @@ def test_evaluate_with_the_exact_posterior_guide_is_the_exact_nll(float64):
     by_formula = evaluate(model, guide, x, EvalConfig(estimator="exact"))
     assert by_formula["estimator"] == "exact" and "active_units" not in by_formula
     assert by_formula["nll"] == pytest.approx(exact, abs=1e-12)
+
+
+def test_each_estimator_reports_only_the_fields_that_mean_something_for_it(float64):
+    """Exact: no K, no sampling diagnostics, no ELBO; naive: K and diagnostics but no ELBO
+    (its mean log-weight is the log-likelihood under prior draws); is: everything."""
+    model = make_model()
+    x = model.sample(6)
+    exact = evaluate(model, None, x, EvalConfig(estimator="exact"))
+    naive = evaluate(model, None, x, EvalConfig(estimator="naive", k=20))
+    imp = evaluate(model, _ExactPosterior(model), x, EvalConfig(estimator="is", k=20))
+    assert exact["K"] is None and exact["elbo"] is None and exact["khat_mean"] is None and exact["settings"] == {}
+    assert naive["K"] == 20 and naive["elbo"] is None and naive["ess_mean"] is not None
+    assert "active_units" not in naive and "active_units" in imp
+    assert imp["K"] == 20 and imp["elbo"] == pytest.approx(imp["nll"] * -1, abs=1e-6)

@@ -281,6 +281,9 @@ def test_python_api_errors_are_dgm_errors_and_value_errors():
         with pytest.raises(DGMError, match=match):
             estimate_dataset(m, bad, method="is", num_samples=2, progress=False)
     assert datasets.load("digits").train.dtype == torch.float32
+    for n in (-1, 0, 2.5):
+        with pytest.raises(DGMError, match="positive integer"):
+            m.sample(n)
 
 
 def test_sequence_models_sample_in_their_own_dtype():
@@ -290,5 +293,25 @@ def test_sequence_models_sample_in_their_own_dtype():
     model = CharRNN(DataSpec((6,), "categorical", num_levels=4), CharRNN.presets["small"]).double()
     x = model.sample(3)
     assert x.dtype == torch.float64 and x.shape == (3, 6)
-    with pytest.raises(DGMError, match=">= 1"):
+    with pytest.raises(DGMError, match="positive integer"):
         model.sample(0)
+
+
+def test_a_damaged_checkpoint_or_summary_is_named_by_train_and_compare(finished_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    for name in ("final.pt", "summary.json"):
+        (run / name).unlink()
+    (run / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    flags = ["--data", "digits", "--preset", "small", "--epochs", "1", "--max-steps", "4", "--device", "cpu"]
+    flags += ["--eval-k", "4", "--eval-limit", "8", "--checkpoint-seconds", "0", "--no-progress"]
+    assert main(["train", "vae", *flags, "--run-dir", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "checkpoint.pt" in err and "delete it" in err and "\n" not in err
+    shutil.copytree(finished_run, tmp_path / "other")
+    (tmp_path / "other" / "summary.json").write_text("{")
+    assert main(["compare", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "summary.json" in err and "\n" not in err

@@ -232,8 +232,6 @@ class SequenceModel(AutoregressiveModel):
         known = self.known_mask(given, n)
         if given is not None:
             self.sequence.check(given.reshape(n, -1).nan_to_num(float(END)), "given")
-        if n < 1:
-            raise DGMError(f"the number of samples must be >= 1, got {n}")
         x = torch.zeros(n, self.data_spec.dim, device=self.device, dtype=self.dtype)
         state = None
         for t in range(self.data_spec.dim):
