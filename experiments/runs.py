@@ -36,7 +36,7 @@ from inference.device import resolve_device
 from inference.evaluation import evaluate
 from inference.guides import Guide, build_guide
 from inference.objective import make_objective
-from inference.runner import BEST, CHECKPOINT, FINAL, Runner, load_state, load_weights
+from inference.runner import BEST, CHECKPOINT, FINAL, Runner, free_memory, load_state, load_weights
 from models.base import DataSpec, DGMError, GenerativeModel
 from models.registry import MODELS
 
@@ -58,10 +58,29 @@ def build_model(config: ModelConfig, data_spec: DataSpec) -> GenerativeModel:
         model_config = replace(model_config, **config.options)
     elif config.options or config.preset:
         raise DGMError(f"{config.name} takes no options or presets")
+    _check_model_size(cls, data_spec, model_config, config)
     try:
         return cls(data_spec, model_config)
     except (TypeError, ValueError, ZeroDivisionError) as e:  # options of the wrong type or range
         raise DGMError(f"{config.name} cannot be built with options {config.options}: {e}") from None
+
+
+def _check_model_size(cls, data_spec: DataSpec, model_config, config: ModelConfig) -> None:
+    """Refuse a model whose parameters (with their gradients and Adam's two moments) would
+    not fit in free memory, before allocating them: the model is first built on the
+    ``meta`` device, which allocates nothing (and with the random state restored after it)."""
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):  # the probe draws no one's numbers
+            probe = cls(data_spec, model_config)
+    except Exception:  # options of the wrong type or range: the real build says what is wrong
+        return
+    values = sum(t.numel() for t in probe.parameters()) * 4 + sum(t.numel() for t in probe.buffers())
+    need, free = values * 4, free_memory(torch.device("cpu"))
+    if free is not None and need > free:
+        raise DGMError(
+            f"{config.name} with options {config.options} has {values // 4:,} parameters, about {need / 2**30:.1f} GiB "
+            f"to train, but this machine has {free / 2**30:.1f} GiB free; choose smaller options"
+        )
 
 
 def load_data(config: DataConfig, seed: int):

@@ -315,3 +315,31 @@ def test_a_damaged_checkpoint_or_summary_is_named_by_train_and_compare(finished_
     assert main(["compare", str(tmp_path / "other")]) == 2
     err = capsys.readouterr().err.strip()
     assert "summary.json" in err and "\n" not in err
+
+
+def test_a_model_too_large_for_memory_is_refused_before_it_is_built(tmp_path, capsys):
+    run = tmp_path / "run"
+    flags = ["--opt", "encoder_hidden=(100000,100000)", "--run-dir", str(run)]
+    assert main(["train", "vae", "--data", "digits", *flags]) == 2
+    err = capsys.readouterr().err
+    assert "parameters" in err and "GiB free" in err and not run.exists()
+
+
+def test_the_size_probe_leaves_the_random_state_alone():
+    """A model that draws CPU random numbers when built (an ordering, say) gets the same
+    draws whether or not the memory probe built it first."""
+    from experiments.config import ModelConfig
+    from experiments.runs import _check_model_size
+    from models.base import DataSpec, GenerativeModel
+
+    class _Ordered(GenerativeModel):
+        def __init__(self, spec, config=None):
+            super().__init__(spec)
+            self.register_buffer("order", torch.randperm(spec.dim, device="cpu"))
+
+    spec = DataSpec((16,), "binary")
+    torch.manual_seed(3)
+    _check_model_size(_Ordered, spec, None, ModelConfig("ordered"))
+    probed = _Ordered(spec).order
+    torch.manual_seed(3)
+    assert torch.equal(probed, _Ordered(spec).order)
