@@ -3,6 +3,7 @@
     dgm list
     dgm train MODEL --data mnist --objective iwae --k 5 --guide amortized --epochs 20
     dgm eval RUN --estimator is --k 5000
+    dgm eval RUN --estimator ais --steps 1000 --chains 16 --leapfrog 10 [--ais-start guide]
     dgm sample RUN [--n 64] [--out FILE] [--condition-on top-half]
     dgm score RUN --data ood:inverted
     dgm density RUN [--out FILE]
@@ -147,10 +148,36 @@ def cmd_train(a) -> None:
     )
 
 
+AIS_SETTINGS = ("steps", "chains", "leapfrog", "ais_start", "ais_schedule")
+"""The ``EvalConfig`` fields ``dgm eval`` takes by their own names (``--steps``, ...)."""
+
+
+def _add_eval_settings(p: argparse.ArgumentParser, names) -> None:
+    """Flags ``--NAME`` for the ``EvalConfig`` fields ``names``, with their help, type,
+    choices and defaults."""
+    import typing
+    from dataclasses import fields
+
+    from inference.config import EvalConfig
+
+    hints = typing.get_type_hints(EvalConfig)
+    for f in fields(EvalConfig):
+        if f.name in names:
+            choices = f.metadata.get("choices")
+            p.add_argument(
+                f"--{f.name.replace('_', '-')}",
+                type=hints[f.name],
+                default=f.default,
+                choices=list(choices) if choices else None,
+                help=f"{f.metadata['help']} (default: {f.default})",
+            )
+
+
 def cmd_eval(a) -> None:
     from experiments.runs import evaluate_run
 
-    result = evaluate_run(a.run, estimator=a.estimator, k=a.k, limit=a.limit, split=a.split)
+    settings = {name: getattr(a, name) for name in AIS_SETTINGS}
+    result = evaluate_run(a.run, estimator=a.estimator, k=a.k, limit=a.limit, split=a.split, **settings)
     print(json.dumps(result, indent=2))
 
 
@@ -266,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=1000)
     p.add_argument("--limit", type=int, default=None, help="first N datapoints only")
     p.add_argument("--split", default="test", choices=["test", "val"])
+    _add_eval_settings(p, AIS_SETTINGS)
     p.set_defaults(fn=cmd_eval)
     p = sub.add_parser("sample", help="draw samples from a trained run into a PNG")
     p.add_argument("run", type=Path)

@@ -31,7 +31,7 @@ import torch
 from experiments import data as datasets
 from experiments.config import DataConfig, ModelConfig, RunConfig, defining, differences, read_config
 from experiments.labels import keep_labels
-from inference.config import EvalConfig
+from inference.config import EvalConfig, from_dict
 from inference.device import resolve_device
 from inference.evaluation import evaluate
 from inference.guides import Guide, build_guide
@@ -261,14 +261,21 @@ def _weights_path(run_dir: Path) -> Tuple[Path, bool]:
 
 
 def evaluate_run(
-    run_dir: PathLike, estimator: str = "auto", k: int = 1000, limit: Optional[int] = None, split: str = "test"
+    run_dir: PathLike,
+    estimator: str = "auto",
+    k: int = 1000,
+    limit: Optional[int] = None,
+    split: str = "test",
+    **settings,
 ) -> dict:
     """``dgm eval``: estimate log p(x) of the run on ``split``; written to
-    ``RUN/eval_<estimator>_<settings>_<split>[_n<limit>].json``."""
+    ``RUN/eval_<estimator>_<settings>_<split>[_n<limit>].json``. ``settings``: other
+    ``EvalConfig`` fields (the AIS ``steps``, ``chains``, ...)."""
     if split not in ("test", "val"):
         raise DGMError(f"unknown split {split!r}; use test or val")
     run = load_run(run_dir)
-    config = EvalConfig(estimator=estimator, k=k, limit=limit, batch_size=run.config.eval.batch_size)
+    settings.update(estimator=estimator, k=k, limit=limit, batch_size=run.config.eval.batch_size)
+    config = from_dict(EvalConfig, settings, "dgm eval")
     x = getattr(run.data, split)
     conditions = {"y": getattr(run.data, f"{split}_labels")} if run.model.uses_labels else {}
     result = evaluate(

@@ -8,7 +8,7 @@ part has one interface and one registry:
 * guides: ``inference.guides.Guide``, registered in ``GUIDES`` (``amortized``, ``local``;
   ``iaf``, ``planar``, ``radial`` in ``flow_guides``);
 * estimators: ``inference.estimators.Estimator``, registered in ``ESTIMATORS``
-  (``exact``, ``naive``, ``is``);
+  (``exact``, ``naive``, ``is``; ``ais`` in ``ais``);
 
 and one training loop (``Runner``) and one evaluation (``evaluate``) consume them.
 Importing this package registers every part.
@@ -16,7 +16,7 @@ Importing this package registers every part.
 
 # Each of these modules registers its parts; their order is the order `dgm list` shows.
 # isort: off
-from inference import objectives, enum, em, flow_guides  # noqa: F401
+from inference import objectives, enum, em, flow_guides, ais  # noqa: F401
 
 # isort: on
 from inference.config import EvalConfig, GuideConfig, ObjectiveConfig, TrainConfig

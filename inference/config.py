@@ -115,11 +115,26 @@ class EvalConfig:
     k: int = setting(1000, "samples per datapoint of the sampling estimators")
     limit: Optional[int] = setting(None, "evaluate the first N datapoints only")
     batch_size: int = setting(100, "datapoints per evaluation batch", display=True)
+    steps: int = setting(1000, "AIS: intermediate distributions T")
+    chains: int = setting(16, "AIS: chains per datapoint C")
+    leapfrog: int = setting(10, "AIS: leapfrog steps L per HMC transition")
+    ais_start: str = setting("prior", "AIS: initial distribution", choices=("prior", "guide"))
+    ais_schedule: str = setting("sigmoid", "AIS: schedule of the inverse temperatures", choices=("sigmoid", "linear"))
 
     def check(self) -> None:
         require(self.k >= 1, f"the number of samples K must be >= 1, got {self.k}")
         require(self.limit is None or self.limit >= 1, f"--limit must be >= 1, got {self.limit}")
         require(self.batch_size >= 1, f"the evaluation batch size must be >= 1, got {self.batch_size}")
+        for name in ("steps", "chains", "leapfrog"):
+            value = getattr(self, name)
+            require(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                f"--{name} (AIS) must be an integer >= 1, got {value!r}",
+            )
+        for name in ("ais_start", "ais_schedule"):
+            allowed = next(f for f in fields(self) if f.name == name).metadata["choices"]
+            value = getattr(self, name)
+            require(value in allowed, f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {value!r}")
 
 
 def from_dict(cls, values: Optional[Dict[str, Any]], what: str):

@@ -12,6 +12,7 @@ the ``EvalConfig`` fields it uses (``settings``), whether it proposes from a gui
   ``log (1/K) sum_k p(x | z_k)``, ``z_k ~ p(z)``.
 * ``is``: importance sampling with the guide as proposal,
   ``log (1/K) sum_k p(x, z_k) / q(z_k | x)``, ``z_k ~ q(z | x)``.
+* ``ais``: annealed importance sampling with HMC, in ``inference.ais``.
 
 Both sampling estimators are consistent and, by Jensen, biased low for finite K
 (``E[log p_hat] <= log p(x)``); they equal the IWAE_K bound evaluated with K samples.
@@ -50,7 +51,17 @@ from models.registry import Registry
 ESTIMATORS = Registry("estimator")
 """Estimator name -> its class, built from an ``EvalConfig``."""
 
-FIELDS = ("K", "nll", "nll_stderr", "mc_stderr_mean", "ess_mean", "elbo", "khat_mean", "khat_frac_above_0.7")
+FIELDS = (
+    "K",
+    "nll",
+    "nll_stderr",
+    "mc_stderr_mean",
+    "ess_mean",
+    "elbo",
+    "khat_mean",
+    "khat_frac_above_0.7",
+    "accept_mean",
+)
 """The summary fields an estimator may report (``Estimator.reports`` picks its own)."""
 
 
@@ -66,6 +77,7 @@ class Estimate:
     method: str
     num_samples: int
     settings: Optional[Dict[str, object]] = None  # the estimator's settings, as summaries name them
+    accept: Optional[Tensor] = None  # MCMC estimators (ais): mean acceptance rate per datapoint
 
     def summary(self, reports: Optional[Tuple[str, ...]] = None) -> dict:
         """The dataset summary; fields outside ``reports`` (what the estimator declares
@@ -85,6 +97,7 @@ class Estimate:
             "elbo": float(self.elbo.mean()),
             "khat_mean": float(khat.mean()) if khat.numel() else float("nan"),
             "khat_frac_above_0.7": float((self.khat > 0.7).float().mean()),
+            "accept_mean": float(self.accept.mean()) if self.accept is not None else float("nan"),
         }
         if reports is not None:
             out.update({key: None for key in FIELDS if key not in reports})
@@ -98,6 +111,7 @@ class Estimate:
             method=first.method,
             num_samples=first.num_samples,
             settings=first.settings,
+            accept=None if any(p.accept is None for p in parts) else torch.cat([p.accept for p in parts]),
         )
 
 
@@ -203,6 +217,7 @@ class Estimator:
     settings: ClassVar[Tuple[str, ...]] = ()
     uses_guide: ClassVar[bool] = False
     reports: ClassVar[Tuple[str, ...]] = ("nll", "nll_stderr")
+    progress: bool = True  # progress bars of long estimates; estimate_dataset sets it
 
     def __init__(self, config: EvalConfig):
         self.config = config
@@ -308,6 +323,7 @@ def estimate_dataset(
     for key, value in conditions.items():
         if value.shape[:1] != (n,):
             raise DGMError(f"condition {key!r} has {list(value.shape)[:1]} rows, the data {n}; give one per datapoint")
+    estimator.progress = progress
     parts = []
     bar = tqdm(total=n, desc=f"log p(x) [{estimator.name}]", disable=not progress, leave=False, mininterval=2.0)
     for start in range(0, n, batch_size):

@@ -96,7 +96,7 @@ def test_exact_estimator_needs_an_exact_model():
     with pytest.raises(DGMError, match="no exact log p"):
         estimate_dataset(m, torch.zeros(2, 4), method="exact")
     with pytest.raises(DGMError, match="unknown estimator"):
-        estimate_dataset(m, torch.zeros(2, 4), method="ais")
+        estimate_dataset(m, torch.zeros(2, 4), method="no-such-estimator")
 
 
 def test_estimate_summary_and_concatenation(float64):
