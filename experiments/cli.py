@@ -146,6 +146,8 @@ def cmd_train(a) -> None:
         f"({describe_estimator(t)}, n={t['n']})"
         + (f", test ELBO {t['elbo']:.2f}" if t.get("elbo") is not None and t["elbo"] == t["elbo"] else "")
     )
+    if t.get("warning"):
+        print(f"warning: {t['warning']}")
 
 
 AIS_SETTINGS = ("steps", "chains", "leapfrog", "ais_start", "ais_schedule")

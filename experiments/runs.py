@@ -351,7 +351,22 @@ COLUMNS = [
     ("bits/dim", lambda s: f"{s['test']['bits_per_dim']:.3f}" if "bits_per_dim" in s["test"] else "-"),
     ("nats/char", lambda s: f"{s['test']['nats_per_char']:.3f}" if "nats_per_char" in s["test"] else "-"),
     ("k-hat>0.7", lambda s: f"{s['test']['khat_frac_above_0.7']:.1%}" if (s["test"].get("K") or 0) > 1 else "-"),
+    ("AIS accept", lambda s: format_number(s["test"].get("accept_mean"), ".2f")),
+    ("chains' stderr", lambda s: _trusted(s["test"], "mc_stderr_mean", ".3f")),
+    ("BDMC gap", lambda s: _bdmc(s.get("bdmc"))),
 ]
+
+
+def _trusted(test: dict, field: str, fmt: str) -> str:
+    """A trust figure, where the summary's estimator declares it one."""
+    return format_number(test.get(field), fmt) if field in test.get("trust", ()) else "-"
+
+
+def _bdmc(bdmc: Optional[dict]) -> str:
+    """The BDMC gap a run's AIS number was checked with, and its settings."""
+    if not bdmc:
+        return "-"
+    return f"{bdmc['gap']:.2f} (T={bdmc['steps']}, C={bdmc['chains']}, n={bdmc['n']})"
 
 
 def compare(run_dirs: List[Path]) -> str:

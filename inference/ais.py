@@ -542,6 +542,7 @@ class AIS(Estimator):
     name = "ais"
     settings = ("steps", "chains", "leapfrog", "ais_start", "ais_schedule")
     reports = ("nll", "nll_stderr", "mc_stderr_mean", "ess_mean", "accept_mean")
+    trust = ("mc_stderr_mean", "accept_mean")  # the chains' spread, and whether HMC moved
 
     def __init__(self, config: EvalConfig):
         super().__init__(config)

@@ -211,12 +211,14 @@ class Estimator:
     """Base class: ``estimate`` one batch. ``settings`` names the ``EvalConfig`` fields the
     estimator uses (shown in summaries as ``{"K": k}`` etc.); ``uses_guide`` says whether it
     proposes from a guide (and so whether guide diagnostics such as active units apply);
-    ``reports`` names the summary fields (of ``FIELDS``) that mean something for it."""
+    ``reports`` names the summary fields (of ``FIELDS``) that mean something for it, and
+    ``trust`` those of them that say how far to trust its number (summaries list them)."""
 
     name: ClassVar[str] = ""
     settings: ClassVar[Tuple[str, ...]] = ()
     uses_guide: ClassVar[bool] = False
     reports: ClassVar[Tuple[str, ...]] = ("nll", "nll_stderr")
+    trust: ClassVar[Tuple[str, ...]] = ()  # the reported fields that say how far to trust the number
     progress: bool = True  # progress bars of long estimates; estimate_dataset sets it
 
     def __init__(self, config: EvalConfig):
@@ -278,6 +280,7 @@ class ImportanceSampling(_Sampling):
     name = "is"
     uses_guide = True
     reports = _Sampling.reports + ("elbo",)
+    trust = ("khat_frac_above_0.7",)
 
 
 def default_estimator(model: GenerativeModel) -> str:

@@ -22,6 +22,22 @@ from inference.estimators import estimate_dataset, make_estimator
 from inference.guides import AmortizedGuide, Guide
 from models.base import GenerativeModel
 
+UNRELIABLE_SHARE = 0.5
+"""IS estimates are flagged when PSIS k-hat > 0.7 (Vehtari et al.'s threshold) on more than
+this share of the datapoints."""
+
+
+def trust_warning(summary: Dict) -> Optional[str]:
+    """A plain sentence when the summary's own diagnostics say its number is unreliable:
+    k-hat > 0.7 on most datapoints of an importance-sampling estimate."""
+    share = summary.get("khat_frac_above_0.7")
+    if summary.get("estimator") == "is" and share is not None and share > UNRELIABLE_SHARE:
+        return (
+            f"PSIS k-hat > 0.7 on {share:.0%} of the datapoints: this importance-sampling estimate of log p(x) "
+            "is unreliable there (likely too high an NLL); check it with --estimator ais"
+        )
+    return None
+
 
 def evaluate(
     model: GenerativeModel,
@@ -60,7 +76,10 @@ def evaluate(
             conditions=conditions or None,
             estimator=estimator,
         )
-        out = {**est.summary(estimator.reports), "eval_seconds": time.time() - t0}
+        out = {**est.summary(estimator.reports), "trust": list(estimator.trust), "eval_seconds": time.time() - t0}
+        warning = trust_warning(out)
+        if warning is not None:
+            out["warning"] = warning
         if estimator.uses_guide:
             out["active_units"] = active_units(model, guide, x, conditions=conditions or None)
     return out

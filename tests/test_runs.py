@@ -101,3 +101,24 @@ def test_unknown_parts_are_refused_with_the_choices():
     for registry in (MODELS, OBJECTIVES, GUIDES, ESTIMATORS):
         with pytest.raises(UnknownPartError, match="choose from"):
             registry.get("no-such-part")
+
+
+def test_compare_rows_name_the_estimator_settings_and_its_trust_figures(tmp_path):
+    base = {"model": "vae", "preset": None, "objective": "elbo", "k": 1, "guide": "amortized", "epochs": 1}
+    base.update(train_seconds=1.0, data="d")
+    ais = {"estimator": "ais", "settings": {"steps": 100, "chains": 16}, "K": None, "n": 5, "nll": 90.0}
+    ais.update(nll_stderr=1.0, mc_stderr_mean=0.05, accept_mean=0.64, trust=["mc_stderr_mean", "accept_mean"])
+    imp = {"estimator": "is", "settings": {"K": 50}, "K": 50, "n": 5, "nll": 91.0, "nll_stderr": 1.0}
+    imp.update({"mc_stderr_mean": 0.3, "khat_frac_above_0.7": 0.8, "trust": ["khat_frac_above_0.7"]})
+    bdmc = {"steps": 100, "chains": 16, "n": 10, "gap": 0.42}
+    for name, test, extra in (("a", ais, {"bdmc": bdmc}), ("i", imp, {})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps({**base, **extra, "test": test}))
+    table = runs.compare([tmp_path / "a", tmp_path / "i"])
+    header, _, row_ais, row_is = table.splitlines()[:4]
+    cells = {name: dict(zip(header.split("|"), row.split("|"))) for name, row in (("a", row_ais), ("i", row_is))}
+    assert cells["a"][" estimator "].strip() == "ais steps=100 chains=16"
+    assert cells["a"][" chains' stderr "].strip() == "0.050" and cells["i"][" chains' stderr "].strip() == "-"
+    assert cells["a"][" AIS accept "].strip() == "0.64"
+    assert cells["a"][" BDMC gap "].strip() == "0.42 (T=100, C=16, n=10)"
+    assert cells["i"][" k-hat>0.7 "].strip() == "80.0%" and cells["i"][" estimator "].strip() == "is K=50"
