@@ -101,3 +101,28 @@ def test_a_finished_run_is_reused_from_another_device_setting_but_not_with_anoth
     assert again == first  # the finished run, not a new one
     with pytest.raises(DGMError, match="different configuration"):
         train_run(replace(config, train=replace(config.train, lr=0.5)), tmp_path / "run")
+
+
+def test_eval_quality_tabulates_is_and_ais_on_stated_subsets(tmp_path, one_thread):
+    from experiments.eval_quality import TINY as SMALL
+    from experiments.eval_quality import report
+
+    dirs = []
+    for run_name, config in EXPERIMENTS["eval-quality"].runs:
+        config = replace(
+            config,
+            data=replace(config.data, name="mnist-embedded"),
+            train=replace(config.train, device="cpu", **TINY["train"]),
+            eval=replace(config.eval, **TINY["eval"]),
+        )
+        train_run(config, tmp_path / run_name)
+        dirs.append(tmp_path / run_name)
+    table = report(dirs, tiny=True)
+    rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in table.splitlines() if ln.startswith("| vae-")]
+    per_run = len(SMALL["ks"]) + 2 + len(SMALL["ts"])
+    assert len(rows) == 2 * per_run
+    for cells in rows:
+        images = int(cells[3])
+        assert images == (SMALL["ais_n"] if cells[1] == "ais" else images) and float(cells[4]) < 0
+        assert ("k-hat" in cells[6] or "khat" in cells[6]) if cells[1] == "is" else "mc_stderr_mean" in cells[6]
+    assert (tmp_path / "eval-quality.png").exists()
