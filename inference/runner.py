@@ -246,6 +246,7 @@ class Runner:
         self._last_good: Optional[dict] = None  # without a run directory: the last checkpoint, in memory
         self._divergence_limit: Optional[float] = None
         self._resume_from: Optional[dict] = None  # the state a rollback restored
+        self._last_val: Optional[float] = None  # the latest validation bound, for the epoch line
 
     def _check_memory(self) -> None:
         """Refuse, before allocating anything, a step that cannot fit: K x B x D values of
@@ -413,15 +414,18 @@ class Runner:
             num_batches = math.ceil(n / batch_size)
             sums, count = None, 0
             bar = tqdm(
-                range(progress["batch"], num_batches),
+                total=num_batches,
+                initial=progress["batch"],
                 desc=f"epoch {epoch + 1}/{cfg.epochs}",
                 disable=not cfg.progress,
                 leave=False,
                 mininterval=2.0,
             )
-            for b in bar:
+            epoch_start, record = time.time(), None
+            for b in range(progress["batch"], num_batches):
                 idx = perm[b * batch_size : (b + 1) * batch_size]
                 terms = self._step(x_epoch[idx], idx, n, progress["step"])
+                bar.update(1)  # (a counter that moves: iterating a tqdm updates its shown count lazily)
                 progress["step"] += 1
                 progress["batch"] = b + 1
                 sums = {k: v for k, v in terms.items()} if sums is None else {k: sums[k] + v for k, v in terms.items()}
@@ -448,6 +452,12 @@ class Runner:
             progress["train_seconds"] = time.time() - start
             self.save_checkpoint(progress)
             last_ckpt = time.time()
+            if cfg.progress and record is not None:  # one line per epoch that stays on screen
+                val = f", validation bound {self._last_val:.2f}" if self._last_val is not None else ""
+                tqdm.write(
+                    f"epoch {epoch + 1}/{cfg.epochs}: training bound {record['bound']:.2f}{val}, "
+                    f"{time.time() - epoch_start:.1f} s"
+                )
             if stop:
                 break
         progress["done"] = True
@@ -507,6 +517,7 @@ class Runner:
                 for i in range(0, val.shape[0], size)
             ]
         value = float(torch.cat(bounds).mean())
+        self._last_val = value
         if not math.isfinite(value):
             raise _Diverged(f"the validation bound became {value}", progress["step"])
         self.metrics.write({"step": progress["step"], "epoch": progress["epoch"], "split": "val", "bound": value})
