@@ -17,7 +17,7 @@ from typing import List, Optional
 import pyro
 import torch
 
-from benchmarks import ar_sampling, estimator, svi_step, wavenet_sampling
+from benchmarks import ais, ar_sampling, estimator, svi_step, wavenet_sampling
 from benchmarks.common import banner, format_table, misses, set_threads
 
 
@@ -25,7 +25,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer rounds and smaller estimator batches (~1 min)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default 1, see common.py)")
-    p.add_argument("--only", choices=("svi", "estimator", "sampling", "wavenet"), default=None)
+    p.add_argument(
+        "--only",
+        choices=("svi", "estimator", "sampling", "wavenet", "ais"),
+        default=None,
+        help="one benchmark (ais runs only when named: ~2 min, ~45 s with --quick)",
+    )
     args = p.parse_args(argv)
 
     intra, inter = set_threads(args.threads)
@@ -41,8 +46,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"command: {' '.join([os.path.basename(sys.executable), '-m', 'benchmarks', *(argv or sys.argv[1:])])}")
     t0 = time.time()
 
-    est_rows, svi_rows = [], []
-    # the estimator first: its memory subprocesses should start from a small parent
+    est_rows, svi_rows, ais_rows = [], [], []
+    # the estimators first: their memory subprocesses should start from a small parent
+    if args.only == "ais":
+        ais_rows = ais.run(ais.AISConfig.quick() if args.quick else ais.AISConfig(), intra)
     if args.only in (None, "estimator"):
         cfg = estimator.EstimatorConfig.quick() if args.quick else estimator.EstimatorConfig()
         est_rows = estimator.run(cfg, intra)
@@ -57,7 +64,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.only in (None, "wavenet"):
         cfg = wavenet_sampling.WaveNetSamplingConfig.quick() if args.quick else wavenet_sampling.WaveNetSamplingConfig()
         wavenet_rows = wavenet_sampling.run(cfg)
-    rows = svi_rows + est_rows + sampling_rows + wavenet_rows
+    rows = svi_rows + est_rows + ais_rows + sampling_rows + wavenet_rows
 
     print()
     print(format_table(rows))

@@ -388,3 +388,54 @@ def compare(run_dirs: List[Path]) -> str:
         lines.append(f"| {Path(d).name} | " + " | ".join(row[j] for j in keep) + " |")
     data_lines = sorted({s["data"] for s in rows})
     return "\n".join(lines) + "\n\nData: " + "; ".join(data_lines) + "\n"
+
+
+# --- BDMC -------------------------------------------------------------------------------------
+def bdmc_run(
+    run_dir: PathLike,
+    n: int,
+    *,
+    steps: int,
+    chains: int,
+    leapfrog: int,
+    schedule: str = "sigmoid",
+    seed: int = 0,
+    progress: bool = False,
+) -> Tuple[dict, Path, bool]:
+    """``dgm bdmc``: the BDMC gap (``inference.bdmc``) of the run's model on ``n`` points it
+    simulates (seeded by ``seed``), written to ``RUN/bdmc_T{steps}_C{chains}_n{n}.json`` and
+    recorded under ``"bdmc"`` in the run's ``summary.json`` (where the run has one). Returns
+    ``(result, path written, recorded in summary.json)``."""
+    from inference.bdmc import bdmc, check_settings
+
+    check_settings(n, steps, chains, leapfrog, schedule)
+    run_dir = Path(run_dir)
+    summary_path = run_dir / "summary.json"
+    summary = None
+    if summary_path.exists():  # read before the work: a damaged summary is refused first
+        try:
+            summary = json.loads(summary_path.read_text())
+        except json.JSONDecodeError as e:
+            raise DGMError(
+                f"{summary_path} is not valid JSON ({e}); rerun `dgm train` on the run to rewrite it"
+            ) from None
+    run = load_run(run_dir)
+    torch.manual_seed(seed)
+    result = bdmc(
+        run.model,
+        n,
+        steps=steps,
+        chains=chains,
+        leapfrog=leapfrog,
+        schedule_name=schedule,
+        batch_size=run.config.eval.batch_size,
+        progress=progress,
+    )
+    out = {"model": run.config.model.name, "seed": seed, **result.to_json()}
+    path = run_dir / f"bdmc_T{steps}_C{chains}_n{n}.json"
+    write_json(path, out)
+    if summary is not None:
+        summary["bdmc"] = {key: out[key] for key in ("steps", "chains", "leapfrog", "schedule", "seed", "n")}
+        summary["bdmc"].update({key: out[key] for key in ("gap", "gap_stderr", "lower", "upper")}, file=path.name)
+        write_json(summary_path, summary)
+    return out, path, summary is not None

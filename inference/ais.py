@@ -26,6 +26,15 @@ the ``C`` log-weights. With ``T = 1`` the weight is ``f(z_0)``: importance sampl
 ``E[p_hat] = p(x)``; by Jensen ``E[log p_hat] <= log p(x)``, so AIS is a stochastic lower
 bound that tightens as ``T`` grows.
 
+Reverse AIS (``reverse=True``; bidirectional Monte Carlo, ``inference.bdmc``): the same
+path walked from ``beta = 1`` to ``beta = 0``, started from given latent values
+(``initial``), which must be exact posterior samples ``z* ~ p(z | x)`` (as for data
+simulated from the model). The log-weight is
+``sum_{t=1}^{T} (beta_{T-t} - beta_{T-t+1}) f(z_{t-1})`` with the HMC transitions at
+``beta_{T-1}, ..., beta_1``; now ``E[exp(log_w)] = 1 / p(x)``, so
+``-log mean_c exp(log_w_c)`` is a stochastic upper bound of log p(x) that tightens as ``T``
+grows (Grosse et al. 2015).
+
 HMC: ``L`` leapfrog steps, identity mass matrix, a Metropolis-Hastings accept/reject per
 chain (a proposal with a NaN energy is rejected). The step size is one per datapoint,
 shared by its chains, and adapted between transitions toward an acceptance rate of 0.65
@@ -420,6 +429,27 @@ def _concat_traces(traces: Sequence):
     return first
 
 
+def _start_at(trace, initial: Dict[str, Tensor]) -> None:
+    """Set every latent site of ``trace`` (drawn under the particle plate) to ``initial``'s
+    value for it, the same for every chain."""
+    latent = [(name, site) for name, site in _sample_sites(trace) if not site["is_observed"]]
+    names = {name for name, _ in latent}
+    if set(initial) != names:
+        raise DGMError(
+            f"initial values are for sites {sorted(initial)} but the model's latent sites are {sorted(names)}"
+        )
+    for name, site in latent:
+        old = site["value"]
+        value = initial[name].detach().to(device=old.device, dtype=old.dtype)
+        try:
+            site["value"] = value.expand(old.shape).clone()
+        except RuntimeError:
+            raise DGMError(
+                f"the initial value of site {name!r} has shape {list(value.shape)}, which does not broadcast to "
+                f"the chains' {list(old.shape)}"
+            ) from None
+
+
 # --- the estimator ------------------------------------------------------------------------------
 def ais(
     model: Callable,
@@ -440,13 +470,25 @@ def ais(
     progress: bool = False,
     what: str = "the model",
     has_exact_log_prob: bool = False,
+    initial: Optional[Dict[str, Tensor]] = None,
+    reverse: bool = False,
 ) -> Estimate:
     """AIS estimate of log p(x) for one batch ``x``: ``T = steps`` distributions, ``C =
     chains`` chains per datapoint, HMC with ``leapfrog`` steps; from the guide's ``q(z | x)``
     when ``guide`` is given, else from the prior. ``conditions`` go to model and guide as
     keywords (as in ``importance``); ``seed`` gives every datapoint its own random streams
     (keyed by its dataset index ``idx``, else its row). Returns log p(x), its standard error,
-    the chains' ESS and mean acceptance rate per datapoint."""
+    the chains' ESS and mean acceptance rate per datapoint.
+
+    ``initial``: one value per latent site, shaped as the model samples it for ``x`` without
+    chains (``[B, ...]``); every chain starts there instead of at a draw from ``q0``.
+    ``reverse``: anneal backwards, ``beta`` from 1 to 0 (reverse AIS, Grosse et al. 2015),
+    started at ``initial``, which must then be exact posterior samples (one per datapoint):
+    the log-weight ``sum_t (beta_{T-t} - beta_{T-t+1}) f(z)`` has ``E[exp] = 1 / p(x)``, and
+    the returned ``log_px = -log mean_c exp(log_w_c)`` is a stochastic upper bound of
+    log p(x) (``stderr``, ``ess`` and ``accept`` are those of the reverse chains)."""
+    if reverse and initial is None:
+        raise DGMError("reverse AIS starts from exact posterior samples: pass them as initial")
     for value, flag in ((steps, "--steps"), (chains, "--chains"), (leapfrog, "--leapfrog")):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise DGMError(f"{flag} must be an integer >= 1, got {value!r}")
@@ -473,6 +515,8 @@ def ais(
                 traces.append(trace)
             trace = _concat_traces(traces)
             gens = [torch.Generator(device=x.device).manual_seed(_stream_seed(seed, int(k), 1)) for k in keys]
+        if initial is not None:
+            _start_at(trace, initial)
         target = AnnealedTarget(
             model, guide, x, kwargs, trace, guide_sites, chains, max_plate_nesting, what, has_exact_log_prob
         )
@@ -496,9 +540,13 @@ def ais(
         eps = torch.full((b,), float(step_size), dtype=torch.float64, device=x.device)
         accepts = torch.zeros(b, dtype=torch.float64, device=x.device)
         bar = tqdm(total=steps, desc="AIS", disable=not progress, leave=False, mininterval=2.0)
-        previous = 0.0
+
+        def level(t: int) -> float:  # the t-th inverse temperature along the path taken
+            return beta(schedule_name, steps - t if reverse else t, steps)
+
+        previous = level(0)
         for t in range(1, steps + 1):
-            current = beta(schedule_name, t, steps)
+            current = level(t)
             log_w += (current - previous) * f.double()
             previous = current
             if t < steps:
@@ -523,6 +571,8 @@ def ais(
     if torch.isnan(log_w).any():
         raise DGMError("AIS log-weights are NaN: the model or guide produced invalid densities")
     log_px = torch.logsumexp(log_w, 0) - math.log(chains)
+    if reverse:
+        log_px = -log_px  # the mean weight estimates 1 / p(x)
     w = torch.softmax(log_w, 0)
     ess = 1.0 / w.pow(2).sum(0)
     stderr = (1.0 / ess - 1.0 / chains).clamp_min(0).sqrt()

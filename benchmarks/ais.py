@@ -1,0 +1,237 @@
+"""Throughput and memory of the AIS estimator of log p(x) (``inference.ais``).
+
+Model: the suite's ``VAE`` (``mlp-400-20``, random init), B points of random binary data,
+AIS from the prior with the sigmoid schedule, T distributions, C chains per datapoint, HMC
+with L leapfrog steps and the adaptive step size (start 0.01, x1.02 / x0.98 toward 65%
+acceptance).
+
+Contenders (timed interleaved, one estimate of the B points per block):
+
+* ``raw``: ``benchmarks.raw.raw_ais``, the same AIS + HMC written in torch alone: the
+  decoder and the Bernoulli log-likelihood by hand, the prior's gradient ``-z`` in closed
+  form, autograd for the likelihood's.
+* ``ours``: the registered ``ais`` estimator (``make_estimator(EvalConfig(estimator="ais",
+  ...))``), which builds its target from the Pyro program: one conditioned model trace
+  under a particle plate per leapfrog step.
+
+Fairness check, before timing: both are run from the same seed on a float64 copy of the
+model and data. They draw the same random numbers in the same order (``z_0``, then per
+transition the momenta and the uniforms), so they must give the same log p(x) to float64
+rounding (asserted; 0 nats here); in float32 the two orders of summation differ and the
+difference is reported (~1e-6 nats), not asserted.
+
+Memory: ``ours`` at T = 100 and T = 10,000, each in a fresh subprocess, with L = 1 and a
+small batch (B = 8, C = 8; ~2.5 ms a transition, so T = 10,000 takes ~30 s). Reported: the
+peak RSS of the child (``ru_maxrss``, or ``VmHWM`` reset just before the estimate when
+``ru_maxrss`` still holds the launcher's peak, as in ``benchmarks.estimator``) and its
+increase over the RSS just before the estimate (after imports, model build and a T = 10
+warm-up). The target is on the ratio of the peaks; the increases are ~1 MiB or less at
+both T, too small for a ratio. Sensitivity: keeping one chain state ``[C, B, L]`` per step
+would add ``C B L 4 T`` bytes, 49 MiB at T = 10,000, which the 1.1x target would catch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import resource
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import pyro
+import torch
+
+from benchmarks.common import Row, Target, format_table, interleaved, set_threads
+from benchmarks.estimator import _reset_hwm, _status_kib, make_data
+from benchmarks.raw import build_vae, raw_ais
+from inference.config import EvalConfig
+from inference.estimators import make_estimator
+
+REPO = Path(__file__).resolve().parent.parent
+TARGET_THROUGHPUT = 0.9  # ours / raw datapoints per second, at least
+TARGET_MEMORY = 1.1  # peak RSS at T = 10,000 over T = 100, at most
+
+
+@dataclass
+class AISConfig:
+    batch: int = 100  # dgm eval's batch, C and L: its defaults; a short T (the cost per transition is T-free)
+    steps: int = 10
+    chains: int = 16
+    leapfrog: int = 10
+    rounds: int = 8  # short blocks, many rounds: a shared machine's drift is +-15% between blocks
+    check_batch: int = 10  # the float64 same-stream check
+    check_steps: int = 20
+    memory_batch: int = 8
+    memory_chains: int = 8
+    memory_steps: tuple = (100, 10_000)
+    seed: int = 0
+
+    @classmethod
+    def quick(cls) -> "AISConfig":
+        return cls(steps=5, rounds=4, check_batch=5, check_steps=10)  # the same transitions, fewer of them
+
+
+def ours_estimator(model, steps: int, chains: int, leapfrog: int):
+    """``x -> log p(x)`` of the registered ``ais`` estimator (prior start, sigmoid schedule)."""
+    config = EvalConfig(estimator="ais", steps=steps, chains=chains, leapfrog=leapfrog)
+    est = make_estimator(config, model)
+    est.progress = False
+    return lambda x: est.estimate(model, x).log_px
+
+
+def check_same(cfg: AISConfig, log) -> None:
+    """Same seed, float64: ours and raw must give the same log p(x) to rounding."""
+    model = build_vae(cfg.seed).double()
+    x = make_data(cfg.check_batch, cfg.seed).double()
+    settings = dict(steps=cfg.check_steps, chains=cfg.chains, leapfrog=cfg.leapfrog)
+    torch.manual_seed(cfg.seed + 7)
+    ours = ours_estimator(model, **settings)(x)
+    torch.manual_seed(cfg.seed + 7)
+    raw = raw_ais(model, x, cfg.check_steps, cfg.chains, cfg.leapfrog)
+    diff = (ours - raw).abs().max().item()
+    if not torch.allclose(ours, raw, rtol=0, atol=1e-9):
+        raise AssertionError(f"ours and raw AIS log p(x) differ by up to {diff:.3g} nats from the same seed")
+    log(
+        f"ais: same seed, float64 (shared random stream) -> ours and raw log p(x) agree to {diff:.1e} nats "
+        f"(B = {cfg.check_batch}, T = {cfg.check_steps}, C = {cfg.chains}, L = {cfg.leapfrog}, "
+        f"mean log p(x) {ours.mean().item():.3f})"
+    )
+
+
+def bench_throughput(cfg: AISConfig, log) -> List[Row]:
+    check_same(cfg, log)
+    model = build_vae(cfg.seed)
+    x = make_data(cfg.batch, cfg.seed)
+    ours = ours_estimator(model, cfg.steps, cfg.chains, cfg.leapfrog)
+    torch.manual_seed(cfg.seed + 8)
+    a = ours(x)
+    torch.manual_seed(cfg.seed + 8)
+    b = raw_ais(model, x, cfg.steps, cfg.chains, cfg.leapfrog)
+    log(
+        f"ais: B = {cfg.batch}, T = {cfg.steps}, C = {cfg.chains}, L = {cfg.leapfrog}, {cfg.rounds} rounds; "
+        f"float32, same seed: ours and raw differ by up to {(a - b).abs().max().item():.1e} nats "
+        f"(summation order; mean log p(x) {a.mean().item():.3f})"
+    )
+    contenders = {
+        "raw": lambda: raw_ais(model, x, cfg.steps, cfg.chains, cfg.leapfrog),
+        "ours": lambda: ours(x),
+    }
+    t = interleaved(contenders, rounds=cfg.rounds, steps=1, warmup=0)  # the checks warmed both up
+    rates = {name: [cfg.batch / s for s in times] for name, times in t.items()}
+    med = {name: _median(r) for name, r in rates.items()}
+    rows = []
+    for name in ("raw", "ours"):
+        paired = [a / b for a, b in zip(rates[name], rates["raw"])]
+        rows.append(
+            Row(
+                f"AIS log p(x) T={cfg.steps} C={cfg.chains} L={cfg.leapfrog} B={cfg.batch}",
+                name,
+                med[name],
+                "points/s",
+                ratio=med[name] / med["raw"],
+                spread=(min(paired), max(paired)) if name != "raw" else None,
+                target=Target(">=", TARGET_THROUGHPUT) if name == "ours" else None,
+                note="throughput ratio, higher is better" if name == "ours" else "",
+            )
+        )
+    return rows
+
+
+def _median(v: List[float]) -> float:
+    s = sorted(v)
+    n = len(s)
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+# --- memory ---------------------------------------------------------------------------------
+def memory_child(steps: int, batch: int, chains: int, seed: int) -> dict:
+    """Run in a fresh process: peak RSS and its increase over one ``ais`` estimate with
+    ``L = 1`` (see ``benchmarks.estimator.memory_child`` for the ``ru_maxrss`` caveat)."""
+    model = build_vae(seed)
+    x = make_data(batch, seed)
+    ours_estimator(model, 10, chains, 1)(x)  # warm-up: lazy inits, allocator
+    ours = ours_estimator(model, steps, chains, 1)
+    gc.collect()
+    before = _status_kib("VmRSS")
+    hwm_reset = _reset_hwm()
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    ours(x)
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    hwm = _status_kib("VmHWM")
+    if maxrss > peak_before:
+        peak, source = maxrss, "ru_maxrss"
+    elif hwm_reset:
+        peak, source = hwm, "VmHWM"
+    else:
+        peak, source = maxrss, "ru_maxrss (did not move: a lower bound)"
+    return {
+        "steps": steps,
+        "batch": batch,
+        "chains": chains,
+        "rss_before_kib": before,
+        "peak_kib": peak,
+        "increase_kib": peak - before,
+        "source": source,
+    }
+
+
+def bench_memory(cfg: AISConfig, threads: int, log) -> List[Row]:
+    results = []
+    for steps in cfg.memory_steps:
+        cmd = [sys.executable, "-m", "benchmarks.ais", "--memory-child", str(steps), "--batch", str(cfg.memory_batch)]
+        cmd += ["--chains", str(cfg.memory_chains), "--threads", str(threads), "--seed", str(cfg.seed)]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"memory child T={steps} failed:\n{proc.stderr[-2000:]}")
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        log(
+            f"memory T={steps}: B = {r['batch']}, C = {r['chains']}, L = 1, RSS before "
+            f"{r['rss_before_kib'] / 1024:.1f} MiB, peak {r['peak_kib'] / 1024:.1f} MiB ({r['source']}), "
+            f"increase {r['increase_kib'] / 1024:.2f} MiB"
+        )
+        results.append(r)
+    lo, hi = results[0], results[-1]
+    bench = f"AIS peak RSS (B={cfg.memory_batch}, C={cfg.memory_chains}, L=1)"
+    rows = [
+        Row(bench, f"ours T={r['steps']}", r["peak_kib"] / 1024, "MiB", note=f"+{r['increase_kib'] / 1024:.2f} MiB")
+        for r in results
+    ]
+    rows[-1].ratio = hi["peak_kib"] / lo["peak_kib"]
+    rows[-1].target = Target("<=", TARGET_MEMORY)
+    rows[-1].note += f" over the RSS before; ratio = peak at T={hi['steps']} / T={lo['steps']}"
+    rows[0].note += " over the RSS before the estimate"
+    return rows
+
+
+def run(cfg: AISConfig, threads: int, log=print) -> List[Row]:
+    # memory first: the children's ru_maxrss starts at this process's peak (see memory_child)
+    mem = bench_memory(cfg, threads, log)
+    return bench_throughput(cfg, log) + mem
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--memory-child", type=int, default=None, metavar="T", help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, default=8, help=argparse.SUPPRESS)
+    p.add_argument("--chains", type=int, default=8, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    intra, inter = set_threads(args.threads)
+    if args.memory_child is not None:
+        print(json.dumps(memory_child(args.memory_child, args.batch, args.chains, args.seed)))
+        return 0
+    print(f"torch {torch.__version__}, pyro {pyro.__version__}, threads: intra-op {intra}, inter-op {inter}")
+    cfg = AISConfig.quick() if args.quick else AISConfig()
+    cfg.seed = args.seed
+    print(format_table(run(cfg, intra)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
