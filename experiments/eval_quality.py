@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
+import numpy as np
+
 from inference.config import EvalConfig
 from inference.evaluation import evaluate
 
@@ -69,9 +71,26 @@ def measure(run_dir: Path, tiny: bool = False) -> List[Dict]:
     return rows
 
 
+def bdmc_row(run_dir: Path, tiny: bool = False) -> Dict:
+    """The BDMC sandwich at the largest T on points simulated from the run's model (also
+    recorded in the run's summary)."""
+    from experiments.runs import bdmc_run
+
+    s = _settings(tiny)
+    t0 = time.time()
+    out, _, _ = bdmc_run(run_dir, s["bdmc_n"], steps=s["ts"][-1], chains=s["chains"], leapfrog=s["leapfrog"])
+    lower = np.asarray(out["per_datapoint"]["lower"])
+    return dict(
+        run=Path(run_dir).name, estimator="bdmc", settings=dict(steps=s["ts"][-1], chains=s["chains"]),
+        n=out["n"], log_px=out["lower"], stderr=float(np.std(lower, ddof=1) / np.sqrt(len(lower))),
+        trust=f"gap {out['gap']:.3g} ± {out['gap_stderr']:.2g} (upper {out['upper']:.2f}), simulated data",
+        seconds=time.time() - t0,
+    )  # fmt: skip
+
+
 def report(run_dirs: List[Path], tiny: bool = False) -> str:
     """The table (and ``eval-quality.png`` beside the runs) for ``dgm reproduce eval-quality``."""
-    rows = [row for d in run_dirs for row in measure(d, tiny)]
+    rows = [row for d in run_dirs for row in measure(d, tiny) + [bdmc_row(d, tiny)]]
     lines = [
         "| run | estimator | settings | test images | mean log p(x) | ± stderr | trust | seconds |",
         "|---|---|---|---|---|---|---|---|",
@@ -95,6 +114,7 @@ def save_plot(rows: List[Dict], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    rows = [r for r in rows if r["estimator"] != "bdmc"]  # simulated data: not on the same images
     for run in sorted({r["run"] for r in rows}):
         for estimator, marker in (("is", "o"), ("ais", "s")):
             pts = [r for r in rows if r["run"] == run and r["estimator"] == estimator]

@@ -119,10 +119,11 @@ def test_eval_quality_tabulates_is_and_ais_on_stated_subsets(tmp_path, one_threa
         dirs.append(tmp_path / run_name)
     table = report(dirs, tiny=True)
     rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in table.splitlines() if ln.startswith("| vae-")]
-    per_run = len(SMALL["ks"]) + 2 + len(SMALL["ts"])
+    per_run = len(SMALL["ks"]) + 2 + len(SMALL["ts"]) + 1  # and the BDMC row
     assert len(rows) == 2 * per_run
     for cells in rows:
         images = int(cells[3])
         assert images == (SMALL["ais_n"] if cells[1] == "ais" else images) and float(cells[4]) < 0
-        assert ("k-hat" in cells[6] or "khat" in cells[6]) if cells[1] == "is" else "mc_stderr_mean" in cells[6]
+        trust = {"is": "khat", "ais": "mc_stderr_mean", "bdmc": "gap"}[cells[1]]
+        assert trust in cells[6]
     assert (tmp_path / "eval-quality.png").exists()
