@@ -33,9 +33,7 @@ would add ``C B L 4 T`` bytes, 49 MiB at T = 10,000, which the 1.1x target would
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import resource
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -45,8 +43,8 @@ from typing import List, Optional
 import pyro
 import torch
 
-from benchmarks.common import Row, Target, format_table, interleaved, set_threads
-from benchmarks.estimator import _reset_hwm, _status_kib, make_data
+from benchmarks.common import Row, Target, format_table, interleaved, peak_rss, set_threads
+from benchmarks.estimator import make_data
 from benchmarks.raw import build_vae, raw_ais
 from inference.config import EvalConfig
 from inference.estimators import make_estimator
@@ -150,33 +148,12 @@ def _median(v: List[float]) -> float:
 # --- memory ---------------------------------------------------------------------------------
 def memory_child(steps: int, batch: int, chains: int, seed: int) -> dict:
     """Run in a fresh process: peak RSS and its increase over one ``ais`` estimate with
-    ``L = 1`` (see ``benchmarks.estimator.memory_child`` for the ``ru_maxrss`` caveat)."""
+    ``L = 1`` (see ``benchmarks.common.peak_rss`` for the ``ru_maxrss`` caveat)."""
     model = build_vae(seed)
     x = make_data(batch, seed)
     ours_estimator(model, 10, chains, 1)(x)  # warm-up: lazy inits, allocator
     ours = ours_estimator(model, steps, chains, 1)
-    gc.collect()
-    before = _status_kib("VmRSS")
-    hwm_reset = _reset_hwm()
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    ours(x)
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    hwm = _status_kib("VmHWM")
-    if maxrss > peak_before:
-        peak, source = maxrss, "ru_maxrss"
-    elif hwm_reset:
-        peak, source = hwm, "VmHWM"
-    else:
-        peak, source = maxrss, "ru_maxrss (did not move: a lower bound)"
-    return {
-        "steps": steps,
-        "batch": batch,
-        "chains": chains,
-        "rss_before_kib": before,
-        "peak_kib": peak,
-        "increase_kib": peak - before,
-        "source": source,
-    }
+    return {"steps": steps, "batch": batch, "chains": chains, **peak_rss(lambda: ours(x))}
 
 
 def bench_memory(cfg: AISConfig, threads: int, log) -> List[Row]:

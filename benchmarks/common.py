@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import pstats
+import resource
 import statistics
 import time
 from dataclasses import dataclass
@@ -174,3 +175,52 @@ def print_profile(stats: pstats.Stats, calls: int, unit: str, title: str, top: i
         print(f"-- {label} --\n{head}")
         for tt, ct, nc, name in sorted(rows, key=key)[:top]:
             print(f"{tt / calls * 1e3:16.3f} {ct / calls * 1e3:16.3f} {nc / calls:12.1f}  {name}")
+
+
+# --- peak memory of one call, in a fresh process -------------------------------------------------
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _reset_hwm() -> bool:
+    """Reset this process's peak-RSS mark to its current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss(call) -> dict:
+    """Run ``call()`` and return this process's RSS just before it and its peak during it
+    (KiB), with the source of the peak. Primary measure: ``ru_maxrss`` after the call. Caveat:
+    Linux folds the launching process's peak RSS into a child's ``ru_maxrss`` at ``exec``, so
+    if the launcher's peak is above the call's, ``ru_maxrss`` does not move; then the mm's
+    own high-water mark (``VmHWM``, reset just before the call) is used and the source says so."""
+    gc.collect()
+    before = _status_kib("VmRSS")
+    hwm_reset = _reset_hwm()
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    call()
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    hwm = _status_kib("VmHWM")
+    if maxrss > peak_before:
+        peak, source = maxrss, "ru_maxrss"
+    elif hwm_reset:
+        peak, source = hwm, "VmHWM (ru_maxrss held the launcher's peak)"
+    else:
+        peak, source = maxrss, "ru_maxrss (did not move: a lower bound)"
+    return {
+        "rss_before_kib": before,
+        "ru_maxrss_before_kib": peak_before,
+        "ru_maxrss_kib": maxrss,
+        "vmhwm_kib": hwm if hwm_reset else None,
+        "peak_kib": peak,
+        "increase_kib": peak - before,
+        "source": source,
+    }

@@ -35,11 +35,9 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import gc
 import json
 import math
 import pstats
-import resource
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -51,7 +49,7 @@ import pyro.infer
 import torch
 from torch import Tensor
 
-from benchmarks.common import Row, Target, format_table, interleaved, print_profile, set_threads
+from benchmarks.common import Row, Target, format_table, interleaved, peak_rss, print_profile, set_threads
 from benchmarks.raw import build_vae, raw_importance
 from inference.estimators import importance
 from models.latent.vae import VAE
@@ -173,61 +171,15 @@ def _median(v: List[float]) -> float:
 # --- memory ---------------------------------------------------------------------------------
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _reset_hwm() -> bool:
-    """Reset this process's peak-RSS mark to its current RSS (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def memory_child(k: int, batch: int, seed: int) -> dict:
-    """Run in a fresh process: the peak-RSS increase of one ``importance`` call.
-
-    Primary measure: ``ru_maxrss`` after the estimate minus ``VmRSS`` just before it.
-    Caveat: Linux folds the launching process's peak RSS into a child's ``ru_maxrss`` at
-    ``exec`` (the signal struct's ``maxrss``), so if the launcher's peak is above this
-    estimate's, ``ru_maxrss`` does not move; then the mm's own high-water mark
-    (``VmHWM``, reset just before the estimate) is used and the source is reported.
-    """
+    """Run in a fresh process: the peak-RSS increase of one ``importance`` call
+    (``benchmarks.common.peak_rss``: ``ru_maxrss``, or ``VmHWM`` where the launcher's peak
+    hides it)."""
     model = build_vae(seed)
     x = make_data(batch, seed)
     importance(model.model, model.guide, x, num_samples=10)  # warm-up: lazy inits, allocator
-    gc.collect()
-    before = _status_kib("VmRSS")
-    hwm_reset = _reset_hwm()
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    importance(model.model, model.guide, x, num_samples=k)
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    hwm = _status_kib("VmHWM")
-    if maxrss > peak_before:
-        peak, source = maxrss, "ru_maxrss"
-    elif hwm_reset:
-        peak, source = hwm, "VmHWM (ru_maxrss held the launcher's peak)"
-    else:
-        peak, source = maxrss, "ru_maxrss (did not move: a lower bound)"
-    return {
-        "k": k,
-        "batch": batch,
-        "chunk": default_chunk(k, batch),
-        "rss_before_kib": before,
-        "ru_maxrss_before_kib": peak_before,
-        "ru_maxrss_kib": maxrss,
-        "vmhwm_kib": hwm if hwm_reset else None,
-        "peak_kib": peak,
-        "increase_kib": peak - before,
-        "source": source,
-    }
+    measured = peak_rss(lambda: importance(model.model, model.guide, x, num_samples=k))
+    return {"k": k, "batch": batch, "chunk": default_chunk(k, batch), **measured}
 
 
 def bench_memory(cfg: EstimatorConfig, threads: int, log) -> List[Row]:

@@ -206,6 +206,12 @@ GAUSSIAN_DECODERS = {  # VAE options for real data: a fixed, a shared learned an
 }
 
 
+MNIST_IWAE_RUNS = [
+    ("vae-elbo", _vae("mnist", "elbo", 1, 20, 5000)),
+    ("vae-iwae5", _vae("mnist", "iwae", 5, 20, 5000)),
+    ("vae-iwae50", _vae("mnist", "iwae", 50, 10, 5000)),
+]
+
 _EXPERIMENTS = {
     "quickstart": Experiment(
         "VAE (784-200-200-50) on embedded binarized MNIST: ELBO vs IWAE K=5; IS K=1000",
@@ -220,11 +226,7 @@ _EXPERIMENTS = {
     "mnist-iwae": Experiment(
         "VAE (784-200-200-50) on dynamically binarized MNIST: ELBO and IWAE K=5 (20 epochs), "
         "IWAE K=50 (10 epochs); IS K=5000",
-        [
-            ("vae-elbo", _vae("mnist", "elbo", 1, 20, 5000)),
-            ("vae-iwae5", _vae("mnist", "iwae", 5, 20, 5000)),
-            ("vae-iwae50", _vae("mnist", "iwae", 50, 10, 5000)),
-        ],
+        MNIST_IWAE_RUNS,
         "Data: MNIST, dynamic binarization (train resampled every epoch; test binarized once, "
         "seed 1), 59,600/400 split. Test NLL: importance sampling, K = 5,000, all 10,000 test "
         "images. Burda et al. (2016) report 86.76 / 85.54 / 84.78 after 3,280 epochs.",
@@ -232,10 +234,7 @@ _EXPERIMENTS = {
     "eval-quality": Experiment(
         "How far to trust log p(x) (Wu et al. 2017, Table 1 analogue): IS at K = 10..100,000 against AIS at "
         "T = 100..10,000 on the ELBO- and IWAE-trained VAEs of mnist-iwae",
-        [
-            ("vae-elbo", _vae("mnist", "elbo", 1, 20, 5000)),
-            ("vae-iwae5", _vae("mnist", "iwae", 5, 20, 5000)),
-        ],
+        MNIST_IWAE_RUNS[:2],  # the ELBO- and IWAE-trained VAEs
         "The runs are mnist-iwae's (trained there if missing). Estimates on stated subsets of the test images; "
         "each is a stochastic lower bound of log p(x), so on the same images the larger is the better. AIS: prior "
         "start, sigmoid schedule, 16 chains, 10 leapfrog steps, step size adapted toward 0.65 acceptance.",

@@ -18,6 +18,16 @@ def run_cli(args, **kw):
     return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, **kw)
 
 
+def train_tiny_vae(run: Path) -> Path:
+    """A finished run of the small VAE on digits, a few steps long, in ``run``."""
+    from experiments.cli import main
+
+    tiny = ["--data", "digits", "--preset", "small", "--epochs", "1", "--max-steps", "3", "--device", "cpu"]
+    tiny += ["--eval-k", "3", "--eval-limit", "5", "--no-progress"]
+    assert main(["train", "vae", *tiny, "--run-dir", str(run)]) == 0
+    return run
+
+
 def fit_exact(model, data, *, epochs: int = 30, lr: float = 1e-3) -> float:
     """Train ``model`` on ``data`` through the runner and return its exact test NLL, after
     checking that ``evaluate`` used the exact estimator on the whole test set, in eval mode,

@@ -20,6 +20,7 @@ from inference.config import ConfigError, EvalConfig
 from inference.estimators import estimate_dataset, make_estimator
 from models.base import DataSpec, DGMError, GenerativeModel
 from models.latent.sbn import SBN, SBNConfig
+from tests.helpers import train_tiny_vae
 from tests.test_ppca import make_model
 
 
@@ -239,12 +240,7 @@ def test_memory_is_fixed_in_the_number_of_steps(float64, one_thread, monkeypatch
 # --- dgm eval -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def vae_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("runs") / "vae"
-    tiny = ["--data", "digits", "--preset", "small", "--epochs", "1", "--max-steps", "3", "--device", "cpu"]
-    assert (
-        main(["train", "vae", *tiny, "--eval-k", "3", "--eval-limit", "5", "--no-progress", "--run-dir", str(run)]) == 0
-    )
-    return run
+    return train_tiny_vae(tmp_path_factory.mktemp("runs") / "vae")
 
 
 @pytest.mark.parametrize("start", ["prior", "guide"])

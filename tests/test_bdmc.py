@@ -20,6 +20,7 @@ from inference.bdmc import bdmc, simulate
 from models.base import DataSpec, DGMError, GenerativeModel
 from models.latent.sbn import SBN, SBNConfig
 from models.latent.vae import VAE, VAEConfig
+from tests.helpers import train_tiny_vae
 from tests.test_ppca import make_model
 
 
@@ -161,12 +162,7 @@ def test_vae_gap_is_positive_on_average_and_closes_with_t(one_thread):
 # --- dgm bdmc ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def vae_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("runs") / "vae"
-    tiny = ["--data", "digits", "--preset", "small", "--epochs", "1", "--max-steps", "3", "--device", "cpu"]
-    assert (
-        main(["train", "vae", *tiny, "--eval-k", "3", "--eval-limit", "5", "--no-progress", "--run-dir", str(run)]) == 0
-    )
-    return run
+    return train_tiny_vae(tmp_path_factory.mktemp("runs") / "vae")
 
 
 def test_dgm_bdmc_writes_its_result_and_records_the_gap_in_the_summary(vae_run, capsys):
