@@ -27,10 +27,28 @@ from pathlib import Path
 from typing import List, Optional
 
 from experiments.config import add_flags, config_from_args, read_config
-from experiments.latent_tools import WHAT as LATENT_VIEWS
 from models.base import DGMError
 
 DEFAULT_RUNS = Path("runs")
+
+
+class _Choices:
+    """Argument choices read from ``module.attr`` only when argparse looks at them, so that
+    building the parser imports no plotting library (``dgm --help`` and ``dgm list`` stay fast)."""
+
+    def __init__(self, module: str, attr: str):
+        self.module, self.attr = module, attr
+
+    def _values(self):
+        import importlib
+
+        return getattr(importlib.import_module(self.module), self.attr)
+
+    def __contains__(self, value) -> bool:
+        return value in self._values()
+
+    def __iter__(self):
+        return iter(self._values())
 
 
 def _check_writable(path: Optional[Path], flag: str = "--out") -> None:
@@ -358,7 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_score)
     p = sub.add_parser("latent", help="latent space of a trained run: interpolations, 2-D projection, reconstructions")
     p.add_argument("run", type=Path)
-    p.add_argument("--what", default="interpolate", choices=list(LATENT_VIEWS), help="analogies, style: cvae and m2")
+    p.add_argument(
+        "--what",
+        default="interpolate",
+        choices=_Choices("experiments.latent_tools", "WHAT"),
+        help="analogies, style: cvae and m2",
+    )
     p.add_argument("--out", type=Path, default=None, help="PNG path (default RUN/latent-WHAT.png)")
     p.add_argument("--n", type=int, default=1000, help="project: test points to encode")
     p.add_argument("--site", default=None, help="project: latent site (default the guide's last)")
