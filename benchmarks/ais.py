@@ -34,22 +34,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import List, Optional
 
 import pyro
 import torch
 
-from benchmarks.common import Row, Target, format_table, interleaved, peak_rss, set_threads
+from benchmarks.common import Row, Target, format_table, interleaved, peak_rss, run_memory_child, set_threads
 from benchmarks.estimator import make_data
 from benchmarks.raw import build_vae, raw_ais
 from inference.config import EvalConfig
 from inference.estimators import make_estimator
 
-REPO = Path(__file__).resolve().parent.parent
 TARGET_THROUGHPUT = 0.9  # ours / raw datapoints per second, at least
 TARGET_MEMORY = 1.1  # peak RSS at T = 10,000 over T = 100, at most
 
@@ -159,12 +155,8 @@ def memory_child(steps: int, batch: int, chains: int, seed: int) -> dict:
 def bench_memory(cfg: AISConfig, threads: int, log) -> List[Row]:
     results = []
     for steps in cfg.memory_steps:
-        cmd = [sys.executable, "-m", "benchmarks.ais", "--memory-child", str(steps), "--batch", str(cfg.memory_batch)]
-        cmd += ["--chains", str(cfg.memory_chains), "--threads", str(threads), "--seed", str(cfg.seed)]
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            raise RuntimeError(f"memory child T={steps} failed:\n{proc.stderr[-2000:]}")
-        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        args = ["--batch", cfg.memory_batch, "--chains", cfg.memory_chains, "--threads", threads, "--seed", cfg.seed]
+        r = run_memory_child("benchmarks.ais", steps, args)
         log(
             f"memory T={steps}: B = {r['batch']}, C = {r['chains']}, L = 1, RSS before "
             f"{r['rss_before_kib'] / 1024:.1f} MiB, peak {r['peak_kib'] / 1024:.1f} MiB ({r['source']}), "

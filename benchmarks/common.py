@@ -15,11 +15,15 @@ collector stays on inside the block, as it is in a training loop.
 from __future__ import annotations
 
 import gc
+import json
 import pstats
 import resource
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -224,3 +228,16 @@ def peak_rss(call) -> dict:
         "increase_kib": peak - before,
         "source": source,
     }
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_memory_child(module: str, size: int, args: Sequence[str]) -> dict:
+    """Run ``python -m module --memory-child size *args`` in a fresh process (so its peak RSS
+    holds none of this process's allocations) and return the JSON its last line prints."""
+    cmd = [sys.executable, "-m", module, "--memory-child", str(size), *map(str, args)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory child {module} {size} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])

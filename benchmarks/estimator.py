@@ -38,10 +38,7 @@ import cProfile
 import json
 import math
 import pstats
-import subprocess
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import List, Optional
 
 import pyro
@@ -49,12 +46,20 @@ import pyro.infer
 import torch
 from torch import Tensor
 
-from benchmarks.common import Row, Target, format_table, interleaved, peak_rss, print_profile, set_threads
+from benchmarks.common import (
+    Row,
+    Target,
+    format_table,
+    interleaved,
+    peak_rss,
+    print_profile,
+    run_memory_child,
+    set_threads,
+)
 from benchmarks.raw import build_vae, raw_importance
 from inference.estimators import importance
 from models.latent.vae import VAE
 
-REPO = Path(__file__).resolve().parent.parent
 MAX_ROWS = 1 << 15  # inference.estimators.importance's default max_rows
 TARGET_THROUGHPUT = 0.9  # ours / raw datapoints per second, at least
 TARGET_MEMORY = 1.2  # peak-RSS increase at K = 50,000 over K = 5,000, at most
@@ -185,23 +190,8 @@ def memory_child(k: int, batch: int, seed: int) -> dict:
 def bench_memory(cfg: EstimatorConfig, threads: int, log) -> List[Row]:
     results = []
     for k in cfg.memory_ks:
-        cmd = [
-            sys.executable,
-            "-m",
-            "benchmarks.estimator",
-            "--memory-child",
-            str(k),
-            "--batch",
-            str(cfg.memory_batch),
-            "--threads",
-            str(threads),
-            "--seed",
-            str(cfg.seed),
-        ]
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            raise RuntimeError(f"memory child K={k} failed:\n{proc.stderr[-2000:]}")
-        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        args = ["--batch", cfg.memory_batch, "--threads", threads, "--seed", cfg.seed]
+        r = run_memory_child("benchmarks.estimator", k, args)
         hwm = f", VmHWM {r['vmhwm_kib'] / 1024:.1f} MiB" if r["vmhwm_kib"] else ""
         log(
             f"memory K={k}: B = {r['batch']}, chunk {r['chunk']}, RSS before {r['rss_before_kib'] / 1024:.1f} MiB, "
