@@ -113,20 +113,19 @@ class RunConfig:
         """A config from flat names (the flags' names with underscores: ``model``,
         ``preset``, ``data``, ``objective``, ``k``, ``epochs``, ``eval_k``, ...), the rest
         at their defaults; ``train=`` / ``eval=`` may also give whole sections."""
-        sections = {name: {} for name in SECTIONS}
         whole = {name: values.pop(name) for name in ("train", "eval") if isinstance(values.get(name), SECTIONS[name])}
+        values = {("opt" if key == "options" else key): value for key, value in values.items()}
+        return RunConfig(**whole).changed(values)
+
+    def changed(self, values: Dict[str, Any]) -> "RunConfig":
+        """This config with the settings ``values`` (by flat name) replaced."""
+        sections: Dict[str, dict] = {name: {} for name in SECTIONS}
         for key, value in values.items():
-            if key == "options":
-                key = "opt"
             if key not in FLAT:
                 raise ConfigError(f"unknown setting {key!r}; known: {', '.join(sorted(FLAT))}")
             section, name = FLAT[key]
             sections[section][name] = value
-        built = {}
-        for name, cls in SECTIONS.items():
-            base = whole.get(name, cls())
-            built[name] = replace(base, **sections[name])
-        return RunConfig(**built)
+        return RunConfig(**{name: replace(getattr(self, name), **sections[name]) for name in SECTIONS})
 
     def describe(self) -> str:
         """``model[preset] on data``."""
@@ -251,13 +250,9 @@ def config_from_args(args: argparse.Namespace, base: Optional[RunConfig] = None)
     if getattr(args, "no_progress", False):
         given["progress"] = False
     base = base or RunConfig()
-    sections = {name: {} for name in SECTIONS}
-    for flat, value in given.items():
-        section, name = FLAT[flat]
-        sections[section][name] = value
     if "opt" in given:  # options add to those of the base config
-        sections["model"]["options"] = {**base.model.options, **given["opt"]}
-    return RunConfig(**{name: replace(getattr(base, name), **sections[name]) for name in SECTIONS})
+        given["opt"] = {**base.model.options, **given["opt"]}
+    return base.changed(given)
 
 
 def read_config(path: Path) -> RunConfig:

@@ -29,9 +29,9 @@ this share of the datapoints."""
 
 def trust_warning(summary: Dict) -> Optional[str]:
     """A plain sentence when the summary's own diagnostics say its number is unreliable:
-    k-hat > 0.7 on most datapoints of an importance-sampling estimate."""
+    k-hat > 0.7 on most datapoints, where the estimator declares k-hat its trust figure."""
     share = summary.get("khat_frac_above_0.7")
-    if summary.get("estimator") == "is" and share is not None and share > UNRELIABLE_SHARE:
+    if "khat_frac_above_0.7" in summary.get("trust", ()) and share is not None and share > UNRELIABLE_SHARE:
         return (
             f"PSIS k-hat > 0.7 on {share:.0%} of the datapoints: this importance-sampling estimate of log p(x) "
             "is unreliable there (likely too high an NLL); check it with --estimator ais"

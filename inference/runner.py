@@ -319,7 +319,7 @@ class Runner:
     def save_checkpoint(self, progress: dict) -> None:
         """Save the resumable state (to ``checkpoint.pt``, or in memory without a run
         directory); state with non-finite parameters is never saved: it is a divergence."""
-        if not all(bool(torch.isfinite(p).all()) for p in self.params):
+        if not bool(torch.stack([torch.isfinite(p).all() for p in self.params]).all()):  # one host sync
             raise _Diverged("a parameter became non-finite", progress["step"])
         if self.checkpoint_path is not None:
             _atomic_save(self._state(progress), self.checkpoint_path)

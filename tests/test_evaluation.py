@@ -64,7 +64,9 @@ def test_each_estimator_reports_only_the_fields_that_mean_something_for_it(float
 def test_an_is_estimate_with_k_hat_above_0_7_on_most_points_says_so():
     from inference.evaluation import trust_warning
 
-    assert trust_warning({"estimator": "is", "khat_frac_above_0.7": 0.92}).startswith("PSIS k-hat > 0.7 on 92%")
-    assert "--estimator ais" in trust_warning({"estimator": "is", "khat_frac_above_0.7": 0.6})
-    assert trust_warning({"estimator": "is", "khat_frac_above_0.7": 0.3}) is None
-    assert trust_warning({"estimator": "exact", "khat_frac_above_0.7": None}) is None
+    khat = ["khat_frac_above_0.7"]
+    assert trust_warning({"trust": khat, "khat_frac_above_0.7": 0.92}).startswith("PSIS k-hat > 0.7 on 92%")
+    assert "--estimator ais" in trust_warning({"trust": khat, "khat_frac_above_0.7": 0.6})
+    assert trust_warning({"trust": khat, "khat_frac_above_0.7": 0.3}) is None
+    assert trust_warning({"trust": [], "khat_frac_above_0.7": None}) is None
+    assert trust_warning({"trust": [], "khat_frac_above_0.7": 0.9}) is None  # naive: k-hat is not its trust figure
