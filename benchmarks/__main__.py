@@ -17,7 +17,7 @@ from typing import List, Optional
 import pyro
 import torch
 
-from benchmarks import ais, ar_sampling, estimator, svi_step, wavenet_sampling
+from benchmarks import ais, ar_sampling, estimator, nade, svi_step, wavenet_sampling
 from benchmarks.common import banner, format_table, misses, set_threads
 
 
@@ -27,7 +27,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default 1, see common.py)")
     p.add_argument(
         "--only",
-        choices=("svi", "estimator", "sampling", "wavenet", "ais"),
+        choices=("svi", "estimator", "nade", "sampling", "wavenet", "ais"),
         default=None,
         help="one benchmark (ais runs only when named: ~2 min, ~45 s with --quick)",
     )
@@ -56,6 +56,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.only in (None, "svi"):
         cfg = svi_step.SVIConfig.quick() if args.quick else svi_step.SVIConfig()
         svi_rows = svi_step.run(cfg)
+    nade_rows = []
+    if args.only in (None, "nade"):
+        nade_rows = nade.run(nade.NADEBenchConfig.quick() if args.quick else nade.NADEBenchConfig())
     sampling_rows = []
     if args.only in (None, "sampling"):
         cfg = ar_sampling.SamplingConfig.quick() if args.quick else ar_sampling.SamplingConfig()
@@ -64,7 +67,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.only in (None, "wavenet"):
         cfg = wavenet_sampling.WaveNetSamplingConfig.quick() if args.quick else wavenet_sampling.WaveNetSamplingConfig()
         wavenet_rows = wavenet_sampling.run(cfg)
-    rows = svi_rows + est_rows + ais_rows + sampling_rows + wavenet_rows
+    rows = svi_rows + est_rows + ais_rows + nade_rows + sampling_rows + wavenet_rows
 
     print()
     print(format_table(rows))
