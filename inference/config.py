@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Optional
 
+from inference.lr_schedules import SCHEDULES, fixed_epochs
 from models.base import DGMError
 
 
@@ -86,6 +87,17 @@ class TrainConfig:
     batch_size: int = setting(100, "datapoints per optimizer step")
     lr: float = setting(1e-3, "Adam learning rate")
     adam_eps: float = setting(1e-4, "Adam epsilon")
+    lr_schedule: str = setting(
+        "constant",
+        "learning-rate schedule: constant; burda (3^i epochs at lr x 10^(-i/7), Burda et al. 2016); "
+        "cosine (to --lr-min over the run); step (x --lr-step-factor every --lr-step-every epochs)",
+        choices=SCHEDULES,
+    )
+    lr_min: float = setting(0.0, "cosine schedule: the learning rate it ends at")
+    lr_step_every: int = setting(10, "step schedule: epochs between learning-rate drops")
+    lr_step_factor: float = setting(0.5, "step schedule: factor of each drop")
+    lr_burda_stages: int = setting(8, "burda schedule: stages i = 0..S-1; the run is (3^S - 1) / 2 epochs (8: 3280)")
+    grad_clip: Optional[float] = setting(None, "clip the gradients' global L2 norm to this (0 or unset: off)")
     seed: int = setting(0, "seeds the model's initialization, the data order and every sample")
     device: str = setting("auto", "auto, cpu, cuda or cuda:N", display=True)
     log_every: int = setting(50, "steps between metrics lines (host syncs)", display=True)
@@ -107,6 +119,27 @@ class TrainConfig:
             f"--checkpoint-seconds must be a finite number >= 0, got {self.checkpoint_seconds}",
         )
         require(self.max_steps is None or self.max_steps >= 1, f"--max-steps must be >= 1, got {self.max_steps}")
+        require(self.lr_schedule in SCHEDULES, f"--lr-schedule must be one of {', '.join(SCHEDULES)}")
+        require(
+            finite(self.lr_min) and 0 <= self.lr_min <= self.lr,
+            f"--lr-min must be in [0, --lr = {self.lr:g}], got {self.lr_min}",
+        )
+        require(self.lr_step_every >= 1, f"--lr-step-every must be >= 1 epoch, got {self.lr_step_every}")
+        require(
+            finite(self.lr_step_factor) and 0 < self.lr_step_factor <= 1,
+            f"--lr-step-factor must be in (0, 1], got {self.lr_step_factor}",
+        )
+        require(1 <= self.lr_burda_stages <= 12, f"--lr-burda-stages must be in 1..12, got {self.lr_burda_stages}")
+        require(
+            self.grad_clip is None or (finite(self.grad_clip) and self.grad_clip >= 0),
+            f"--grad-clip must be a finite number >= 0 (0: off), got {self.grad_clip}",
+        )
+        fixed = fixed_epochs(self)
+        require(
+            fixed is None or self.epochs == fixed,
+            f"--lr-schedule burda with --lr-burda-stages {self.lr_burda_stages} runs exactly {fixed} epochs "
+            f"(3^i epochs at stage i); pass --epochs {fixed}, or change --lr-burda-stages (got --epochs {self.epochs})",
+        )
 
 
 @dataclass

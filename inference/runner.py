@@ -10,6 +10,9 @@ Reproducibility: one CPU ``torch.Generator`` draws each epoch's permutation and
 binarization, the global torch RNG (seeded once) draws the model's samples. A checkpoint
 stores the data generator's state at the start of the epoch, the position in the epoch and
 the global RNG state, so a run killed at any point resumes bit-for-bit on the same machine.
+The learning rate of each step comes from ``inference.lr_schedules``, a function of the
+checkpointed step count (and rollbacks), so schedules resume exactly too; ``grad_clip``
+clips the gradients' global norm in a hook that runs before every ``optimizer.step()``.
 
 No host sync per step: losses are summed on the device and read every ``log_every`` steps.
 
@@ -38,6 +41,7 @@ from inference.config import EvalConfig, GuideConfig, TrainConfig
 from inference.device import eval_mode, resolve_device
 from inference.evaluation import evaluate
 from inference.guides import Guide, build_guide
+from inference.lr_schedules import learning_rate
 from inference.objective import Objective
 from models.base import DGMError, GenerativeModel
 
@@ -233,6 +237,8 @@ class Runner:
         self.params = self._collect_params()
         self._check_memory()
         self.optimizer = torch.optim.Adam(self.params, lr=self.config.lr, eps=self.config.adam_eps)
+        if self.config.grad_clip:  # every optimizer.step(), whichever objective calls it, sees clipped gradients
+            self.optimizer.register_step_pre_hook(self._clip_gradients)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         if self.run_dir is not None:
             try:
@@ -247,6 +253,19 @@ class Runner:
         self._divergence_limit: Optional[float] = None
         self._resume_from: Optional[dict] = None  # the state a rollback restored
         self._last_val: Optional[float] = None  # the latest validation bound, for the epoch line
+
+    def _clip_gradients(self, optimizer, args, kwargs) -> None:
+        """Scale the gradients so that their global L2 norm is at most ``--grad-clip``."""
+        nn.utils.clip_grad_norm_(self.params, self.config.grad_clip, foreach=True)
+
+    def _set_learning_rate(self, step: int, steps_per_epoch: int, rollbacks: int) -> float:
+        """The schedule's rate for ``step`` (``inference.lr_schedules``), lowered by
+        ``ROLLBACK_LR_FACTOR`` per rollback: a function of the checkpointed step and rollback
+        count alone, so a resumed run takes the same rates."""
+        lr = learning_rate(self.config, step, steps_per_epoch) * ROLLBACK_LR_FACTOR**rollbacks
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
 
     def _check_memory(self) -> None:
         """Refuse, before allocating anything, a step that cannot fit: K x B x D values of
@@ -424,6 +443,7 @@ class Runner:
             epoch_start, record = time.time(), None
             for b in range(progress["batch"], num_batches):
                 idx = perm[b * batch_size : (b + 1) * batch_size]
+                lr = self._set_learning_rate(progress["step"], num_batches, progress["rollbacks"])
                 terms = self._step(x_epoch[idx], idx, n, progress["step"])
                 bar.update(1)  # (a counter that moves: iterating a tqdm updates its shown count lazily)
                 progress["step"] += 1
@@ -432,7 +452,7 @@ class Runner:
                 count += 1
                 last = b == num_batches - 1 or (cfg.max_steps is not None and progress["step"] >= cfg.max_steps)
                 if progress["step"] % cfg.log_every == 0 or last:
-                    record = self._log_train(progress["step"], epoch + (b + 1) / num_batches, sums, count)
+                    record = self._log_train(progress["step"], epoch + (b + 1) / num_batches, sums, count, lr)
                     bar.set_postfix(bound=f"{record['bound']:.2f}")
                     sums, count = None, 0
                 progress["train_seconds"] = time.time() - start
@@ -480,7 +500,9 @@ class Runner:
             self.model, self.guide, x, idx, n, self.optimizer, self._conditions("train", idx)
         )
 
-    def _log_train(self, step: int, epoch: float, sums: Dict[str, Tensor], count: int) -> Dict[str, float]:
+    def _log_train(
+        self, step: int, epoch: float, sums: Dict[str, Tensor], count: int, lr: float
+    ) -> Dict[str, float]:
         """Write the mean of the training terms since the last record; refuse a non-finite loss."""
         record = {k: float(v) / count for k, v in sums.items()}
         if not math.isfinite(record["loss"]):
@@ -489,7 +511,7 @@ class Runner:
             self._divergence_limit = DIVERGENCE_FACTOR * self._reference_loss(record["loss"])
         if record["loss"] > self._divergence_limit:
             raise _Diverged(f"the loss per datapoint reached {record['loss']:.4g} nats", step)
-        self.metrics.write({"step": step, "epoch": epoch, "split": "train", **record})
+        self.metrics.write({"step": step, "epoch": epoch, "split": "train", **record, "lr": lr})
         return record
 
     def _reference_loss(self, first: float) -> float:
@@ -590,7 +612,7 @@ def fit_local_guide(
     """Fit per-datapoint variational parameters on ``x`` with the model frozen (the
     held-out evaluation of a local guide, and the best-q half of the amortization gap):
     ``epochs`` epochs of the ELBO with ``num_particles`` samples and the optimizer settings
-    of ``config``."""
+    of ``config`` (at its constant ``lr``: a schedule belongs to the training run)."""
     from inference.objectives import ELBO
 
     config = config or TrainConfig()
@@ -598,7 +620,9 @@ def fit_local_guide(
     for p in frozen:
         p.requires_grad_(False)
     try:
-        cfg = replace(config, epochs=epochs, validate=False, max_steps=None, device=str(x.device))
+        cfg = replace(  # a fixed-length fit: the training run's schedule does not apply
+            config, epochs=epochs, validate=False, max_steps=None, device=str(x.device), lr_schedule="constant"
+        )
         runner = Runner(model, _Fixed(x), ELBO(num_particles), guide="local", config=cfg)
         if init_from is not None:
             runner.guide.init_from(init_from, x)
