@@ -48,6 +48,7 @@ class ObjectiveConfig:
     k: int = setting(1, "samples per datapoint in the objective")
     analytic_kl: bool = setting(False, "closed-form KL in the ELBO where available")
     baseline: str = setting("average", "baseline of the score-function ELBO", choices=("none", "average", "neural"))
+    alpha: float = setting(0.5, "renyi: the bound's alpha >= 0 (0: IWAE, 1: the ELBO)")
     kl_warmup: int = setting(0, "KL annealing: steps to warm beta up to 1 (0: off)")
     kl_beta0: float = setting(0.0, "KL annealing: beta at step 0")
     free_bits: float = setting(0.0, "free bits: nats floor per latent group (0: off)")
@@ -58,6 +59,7 @@ class ObjectiveConfig:
         require(self.kl_warmup >= 0, f"--kl-warmup must be >= 0 steps, got {self.kl_warmup}")
         require(finite(self.kl_beta0) and 0 <= self.kl_beta0 <= 1, f"--kl-beta0 must be in [0, 1], got {self.kl_beta0}")
         require(finite(self.free_bits) and self.free_bits >= 0, f"--free-bits must be >= 0, got {self.free_bits}")
+        require(finite(self.alpha) and self.alpha >= 0, f"--alpha must be a finite number >= 0, got {self.alpha}")
 
     def describe(self) -> str:
         """The objective and the settings that change it, e.g. ``iwae K=5``."""

@@ -223,7 +223,8 @@ class ScoreFunctionELBO(ELBO):
 
     ``grad = E_q[(log w - b(x) - c) * grad log q(z | x)] + E_q[grad log p(x, z)]``
 
-    where ``c`` is a decaying average of the learning signal (``decay``) and ``b(x)`` an
+    where ``c`` is a decaying average of earlier steps' learning signals (``decay``; none on
+    the first step, which has no earlier ones) and ``b(x)`` an
     optional neural baseline (an MLP on the flattened datapoint) trained to minimise
     ``(log w - c - b(x))^2``. Both keep the gradient unbiased since they do not depend on z.
     """
@@ -273,11 +274,11 @@ class ScoreFunctionELBO(ELBO):
         signal = lw.log_w.detach()
         if self.decay is not None:
             mean = signal.mean()
-            if self.average is None:
-                self.average = mean.clone()
-            signal = signal - self.average
+            if self.average is not None:  # never the current batch's own mean: with B K = 1 that zeroes the signal
+                signal = signal - self.average
             if self._train:
-                self.average = self.decay * self.average + (1 - self.decay) * mean
+                old = mean if self.average is None else self.average
+                self.average = self.decay * old + (1 - self.decay) * mean
         neural = self._neural()
         if neural is not None:
             signal = signal - neural.detach()
