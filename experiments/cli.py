@@ -10,7 +10,9 @@
     dgm density RUN [--out FILE]
     dgm latent RUN --what interpolate|project|reconstruct|analogies|style [--out FILE]
     dgm fit-prior RUN --prior pixelcnn [--preset cpu] [--epochs N]
+    dgm train RUN --more-epochs N
     dgm compare RUN [RUN ...]
+    dgm report RUN [RUN ...] --out report.html
     dgm reproduce quickstart
 
 Errors a user can fix are printed as one line (``dgm: error: ...``), not a traceback.
@@ -84,7 +86,15 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         "--run-dir",
         type=Path,
         default=None,
-        help="run directory (default runs/<model>-<data>-<objective>...); an existing one resumes",
+        help="run directory (default runs/<model>-<data>-<objective>... and every setting that differs from the "
+        "defaults); an existing one resumes",
+    )
+    p.add_argument(
+        "--more-epochs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="extend a finished run by N epochs: `dgm train RUN_DIR --more-epochs N` (bit-exact with a longer run)",
     )
 
 
@@ -152,12 +162,28 @@ def cmd_list(a) -> None:
     _print_table("experiments (dgm reproduce NAME)", EXPERIMENTS.describe())
 
 
-def cmd_train(a) -> None:
-    from experiments.runs import describe_estimator, format_number, train_run
+def _existing_run(a: argparse.Namespace) -> Optional[Path]:
+    """The run directory ``dgm train RUN_DIR`` names in the model's place, if it does."""
+    if a.model is not None and (Path(a.model) / "config.json").is_file():
+        return Path(a.model)
+    return None
 
-    config = _config_from_args(a)
-    run_dir = a.run_dir or default_run_dir(config)
-    summary = train_run(config, run_dir)
+
+def cmd_train(a) -> None:
+    from experiments.runs import describe_estimator, extend_run, format_number, run_outputs, train_run
+
+    existing = _existing_run(a)
+    if a.more_epochs is not None:
+        run_dir = existing or a.run_dir
+        if run_dir is None:
+            raise DGMError("--more-epochs N extends a run: `dgm train RUN_DIR --more-epochs N`")
+        summary = extend_run(run_dir, a.more_epochs)
+    else:
+        if existing is not None:  # `dgm train RUN_DIR`: resume (or re-report) the run as configured
+            a.config, a.model, a.run_dir = existing / "config.json", None, a.run_dir or existing
+        config = _config_from_args(a)
+        run_dir = a.run_dir or default_run_dir(config)
+        summary = train_run(config, run_dir)
     t = summary["test"]
     print(f"run: {run_dir}")
     print(
@@ -167,6 +193,7 @@ def cmd_train(a) -> None:
     )
     if t.get("warning"):
         print(f"warning: {t['warning']}")
+    print("wrote: " + ", ".join(str(path) for path in run_outputs(run_dir)))
 
 
 AIS_SETTINGS = ("steps", "chains", "leapfrog", "ais_start", "ais_schedule")
@@ -315,10 +342,18 @@ def cmd_compare(a) -> None:
     print(compare(a.runs))
 
 
-def cmd_reproduce(a) -> None:
-    from experiments.reproduce import reproduce
+def cmd_report(a) -> None:
+    from experiments.report import write_report
 
-    print(reproduce(a.name, out=a.out, device=a.device, tiny=a.tiny))
+    _check_writable(a.out)
+    print(f"wrote {write_report(a.runs, a.out)}")
+
+
+def cmd_reproduce(a) -> None:
+    from experiments.reproduce import reproduce, written
+
+    print(reproduce(a.name, out=a.out, device=a.device, tiny=a.tiny, protocol=a.protocol))
+    print("wrote:\n" + "\n".join(f"  {line}" for line in written(a.name, a.out, a.tiny, a.protocol)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -407,11 +442,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="a table of finished runs")
     p.add_argument("runs", type=Path, nargs="+")
     p.set_defaults(fn=cmd_compare)
+    p = sub.add_parser(
+        "report", help="one self-contained HTML page of runs: summary table, curves, samples, diagnostics"
+    )
+    p.add_argument("runs", type=Path, nargs="+")
+    p.add_argument("--out", type=Path, default=Path("report.html"), help="HTML path (default: report.html)")
+    p.set_defaults(fn=cmd_report)
     p = sub.add_parser("reproduce", help="run a named experiment end to end")
     p.add_argument("name")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--tiny", action="store_true", help="a few steps of every run, to check the pipeline")
+    p.add_argument(
+        "--protocol",
+        default="cpu",
+        choices=["cpu", "paper"],
+        help="cpu: the experiment's CPU budget (default); paper: the paper's own training protocol "
+        "(mnist-iwae, mnist-vae2: Burda et al. 2016, 3,280 epochs, for a GPU)",
+    )
     p.set_defaults(fn=cmd_reproduce)
     return parser
 

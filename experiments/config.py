@@ -169,6 +169,18 @@ def differences(a: dict, b: dict) -> List[str]:
     return diffs
 
 
+def non_default_settings(config: "RunConfig") -> Dict[str, Any]:
+    """The defining settings of ``config`` (flat names, in flag order) whose values differ
+    from a default ``RunConfig``'s; ``opt`` holds only the model options given."""
+    ours, default = config.to_json(), RunConfig().to_json()
+    out = {}
+    for flat, (section, name) in FLAT.items():
+        value = ours.get(section, {}).get(name)
+        if (section, name) not in display_only() and value != default.get(section, {}).get(name):
+            out[flat] = value
+    return out
+
+
 # --- legacy -----------------------------------------------------------------------------------
 def _unflatten_legacy(d: dict) -> dict:
     """The flat ``RunSpec`` JSON of earlier versions as flat names of :meth:`from_flat`."""

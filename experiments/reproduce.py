@@ -9,6 +9,13 @@ experiment (resuming any that were interrupted), evaluates them and writes
   split), 20 epochs with ``elbo`` and ``iwae --k 5``, 10 with ``iwae --k 50``; test NLL by
   importance sampling with K = 5,000 on all 10,000 test images (Burda et al. 2016, Table 1,
   trained for 3,280 epochs).
+* ``--protocol paper`` (``mnist-iwae``, ``mnist-vae2``): Burda et al.'s training protocol
+  exactly, for a GPU: every column of their Table 1 (VAE with K = 1, 5, 50 samples, IWAE with
+  K = 5, 50), batch 20, Adam (beta1 0.9, beta2 0.999, eps 1e-4), learning rate 1e-3 x 10^(-i/7)
+  for 3^i epochs, i = 0..7 (3,280 epochs, ``--lr-schedule burda``), test NLL by IS with
+  K = 5,000 on all 10,000 test images. Not reproduced: their weight initialization (Glorot and
+  Bengio's heuristic; ours is PyTorch's default). The default protocol (``cpu``) is the CPU
+  budget above.
 * ``ar-vae``: posterior collapse of a VAE with an autoregressive decoder (conditional Gated
   PixelCNN on the embedded MNIST subset, LSTM on names) under the plain ELBO, KL annealing and
   free bits: test KL, active units, ELBO and IS NLL.
@@ -23,6 +30,8 @@ from typing import Callable, List, Optional, Tuple
 from experiments.config import RunConfig, read_config
 from experiments.runs import compare, train_run
 from inference.config import TrainConfig
+from inference.lr_schedules import burda_epochs, fixed_epochs
+from models.base import DGMError
 from models.registry import Registry
 
 
@@ -37,6 +46,8 @@ class Experiment:
     notes: str
     shares: Optional[str] = None
     report: Optional[Callable[[List[Path], bool], str]] = None
+    paper: Optional[List[Tuple[str, RunConfig]]] = None
+    """The runs of the paper's own training protocol (``--protocol paper``), where it differs."""
 
 
 ANOMALY_N = 2_000  # MNIST test images scored, and the size of each OOD set
@@ -206,6 +217,36 @@ GAUSSIAN_DECODERS = {  # VAE options for real data: a fixed, a shared learned an
 }
 
 
+def _paper(model: str, preset: str) -> List[Tuple[str, RunConfig]]:
+    """Burda et al. (2016)'s protocol, every column of their Table 1: the VAE (ELBO with K
+    samples) and IWAE at K = 1 (the same objective), 5 and 50; batch 20; Adam with eps 1e-4;
+    the ``burda`` schedule (3,280 epochs); test NLL by IS, K = 5,000, all test images."""
+    runs = [(f"{model}-elbo" + (f"{k}" if k > 1 else ""), "elbo", k) for k in (1, 5, 50)]
+    runs += [(f"{model}-iwae{k}", "iwae", k) for k in (5, 50)]
+    return [
+        (
+            name,
+            RunConfig.from_flat(
+                model=model,
+                preset=preset,
+                data="mnist",
+                binarization="dynamic",
+                objective=objective,
+                k=k,
+                epochs=burda_epochs(8),
+                batch_size=20,
+                lr=1e-3,
+                adam_eps=1e-4,
+                lr_schedule="burda",
+                lr_burda_stages=8,
+                eval_k=5000,
+                eval_limit=None,
+            ),
+        )
+        for name, objective, k in runs
+    ]
+
+
 MNIST_IWAE_RUNS = [
     ("vae-elbo", _vae("mnist", "elbo", 1, 20, 5000)),
     ("vae-iwae5", _vae("mnist", "iwae", 5, 20, 5000)),
@@ -230,6 +271,7 @@ _EXPERIMENTS = {
         "Data: MNIST, dynamic binarization (train resampled every epoch; test binarized once, "
         "seed 1), 59,600/400 split. Test NLL: importance sampling, K = 5,000, all 10,000 test "
         "images. Burda et al. (2016) report 86.76 / 85.54 / 84.78 after 3,280 epochs.",
+        paper=_paper("vae", "iwae-1layer"),
     ),
     "eval-quality": Experiment(
         "How far to trust log p(x) (Wu et al. 2017, Table 1 analogue): IS at K = 10..100,000 against AIS at "
@@ -359,6 +401,7 @@ _EXPERIMENTS = {
         "sampling with the encoder as proposal, K = 5,000, on the first 1,000 test images (a CPU budget); "
         "active units: Cov_x(E_q[z]) > 0.01 per unit, h1 then h2. Burda et al. (2016, Table 1) report "
         "85.33 / 83.89 / 82.90 (VAE / IWAE K=5 / IWAE K=50) after 3,280 epochs.",
+        paper=_paper("vae2", "iwae-2layer"),
     ),
     "sbn": Experiment(
         "Sigmoid belief nets on dynamically binarized MNIST, score-function ELBO gradients with two baselines",
@@ -468,17 +511,33 @@ for _name, _experiment in _EXPERIMENTS.items():
     EXPERIMENTS.add(_name, _experiment, _experiment.description)
 
 TINY = dict(train=dict(epochs=1, max_steps=3, progress=False), eval=dict(k=10, limit=20))
+PROTOCOLS = ("cpu", "paper")
+"""``cpu``: each experiment's CPU budget; ``paper``: the paper's own protocol (``Experiment.paper``)."""
 
 
-def reproduce(name: str, out: Optional[Path] = None, device: str = "auto", tiny: bool = False) -> str:
+def _tiny(train: TrainConfig) -> dict:
+    """``TINY``'s training settings for ``train``: a schedule that fixes the run's length
+    keeps its epochs (``--max-steps`` ends the run anyway)."""
+    return {**TINY["train"], "epochs": fixed_epochs(train) or TINY["train"]["epochs"]}
+
+
+def reproduce(
+    name: str, out: Optional[Path] = None, device: str = "auto", tiny: bool = False, protocol: str = "cpu"
+) -> str:
     """Train and evaluate every run of experiment ``name`` into ``out`` and return the
-    results table; ``tiny`` shrinks every run to a few steps (a pipeline check)."""
+    results table; ``tiny`` shrinks every run to a few steps (a pipeline check);
+    ``protocol`` ``paper`` trains the paper's protocol where the experiment has one."""
     exp = EXPERIMENTS[name]
-    out = Path(out) if out is not None else Path("runs") / (name + ("-tiny" if tiny else ""))
-    home = out if exp.shares is None else out.parent / (exp.shares + ("-tiny" if tiny else ""))
+    if protocol not in PROTOCOLS:
+        raise DGMError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
+    if protocol == "paper" and exp.paper is None:
+        with_paper = [n for n in EXPERIMENTS.names() if EXPERIMENTS[n].paper is not None]
+        raise DGMError(f"{name} has no paper protocol; experiments with one: {', '.join(with_paper)}")
+    runs = exp.paper if protocol == "paper" else exp.runs
+    out, home = _locations(name, out, tiny, protocol)
     dirs = []
-    for run_name, config in exp.runs:
-        small = TINY if tiny else {"train": {}, "eval": {}}
+    for run_name, config in runs:
+        small = {"train": _tiny(config.train), "eval": TINY["eval"]} if tiny else {"train": {}, "eval": {}}
         config = replace(
             config,
             train=replace(config.train, device=device, **small["train"]),
@@ -495,3 +554,24 @@ def reproduce(name: str, out: Optional[Path] = None, device: str = "auto", tiny:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(table)
     return table
+
+
+def _locations(name: str, out: Optional[Path], tiny: bool, protocol: str) -> Tuple[Path, Path]:
+    """``(folder of results.md, folder of the run directories)`` of an experiment."""
+    exp = EXPERIMENTS[name]
+    tag = ("-paper" if protocol == "paper" else "") + ("-tiny" if tiny else "")
+    out = Path(out) if out is not None else Path("runs") / (name + tag)
+    return out, (out if exp.shares is None else out.parent / (exp.shares + tag))
+
+
+def written(name: str, out: Optional[Path] = None, tiny: bool = False, protocol: str = "cpu") -> List[str]:
+    """What ``reproduce`` wrote: ``results.md`` and each run's directory with its files."""
+    from experiments.runs import run_outputs
+
+    out, home = _locations(name, out, tiny, protocol)
+    exp = EXPERIMENTS[name]
+    lines = [str(out / "results.md")]
+    for run_name, _ in exp.paper if protocol == "paper" else exp.runs:
+        files = ", ".join(p.name for p in run_outputs(home / run_name))
+        lines.append(f"{home / run_name}/ ({files})")
+    return lines

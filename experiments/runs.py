@@ -30,6 +30,7 @@ import torch
 
 from experiments import data as datasets
 from experiments.config import DataConfig, ModelConfig, RunConfig, defining, differences, read_config
+from experiments.curves import save_curves
 from experiments.labels import keep_labels
 from inference.config import EvalConfig, from_dict
 from inference.device import resolve_device
@@ -178,8 +179,63 @@ def train_run(config: RunConfig, run_dir: PathLike) -> dict:
     summary["test"].update(extra.pop("test", {}))
     summary.update(extra)
     data.write_run_outputs(runner.model, run_dir, title=config.describe())
+    save_curves(run_dir)
     write_json(run_dir / "summary.json", summary)
     return _finite(summary)  # as written: NaN and infinities are None
+
+
+RUN_FILES = (
+    "summary.json",
+    "curves.png",
+    "samples.png",
+    "samples.txt",
+    "density.png",
+    "metrics.jsonl",
+    "config.json",
+    "final.pt",
+    "checkpoint.pt",
+)
+"""What a run directory holds, in the order ``dgm train`` lists what it wrote."""
+
+
+def run_outputs(run_dir: PathLike) -> List[Path]:
+    """The files of ``RUN_FILES`` that ``run_dir`` holds."""
+    return [Path(run_dir) / name for name in RUN_FILES if (Path(run_dir) / name).exists()]
+
+
+def extend_run(run_dir: PathLike, more_epochs: int) -> dict:
+    """``dgm train RUN --more-epochs N``: train a finished run ``N`` epochs more, from its
+    checkpoint (the last step's weights, optimizer, data generator and RNG states), and
+    evaluate it again. The result is bit for bit the run trained with ``epochs + N`` from
+    the start (same machine), for the schedules whose rates do not depend on the run's
+    length; ``cosine`` and ``burda`` do, and are refused (train a new run instead). A run
+    that stopped at ``--max-steps`` is refused too."""
+    from inference.lr_schedules import extendable
+    from inference.runner import reopen_checkpoint
+
+    run_dir = Path(run_dir)
+    if more_epochs is None or more_epochs < 1:
+        raise DGMError(f"--more-epochs must be >= 1, got {more_epochs}")
+    config = read_config(run_dir / "config.json")
+    train = config.train
+    if not extendable(train):
+        raise DGMError(
+            f"{run_dir} uses --lr-schedule {train.lr_schedule}, whose rates depend on the run's length: more "
+            f"epochs would change the rates it already trained with; train a new run with --epochs "
+            f"{train.epochs + more_epochs} instead"
+        )
+    if train.max_steps is not None:
+        raise DGMError(
+            f"{run_dir} was limited by --max-steps {train.max_steps}; train a new run without it to extend it"
+        )
+    if not (run_dir / CHECKPOINT).exists():
+        raise DGMError(f"{run_dir} has no checkpoint; train it first (`dgm train`)")
+    reopen_checkpoint(run_dir / CHECKPOINT)
+    for name in ("summary.json", FINAL):  # no longer the run's result
+        (run_dir / name).unlink(missing_ok=True)
+    longer = replace(config, train=replace(train, epochs=train.epochs + more_epochs))
+    write_json(run_dir / "config.json", longer.to_json())
+    return train_run(longer, run_dir)
 
 
 def _describe_schedule(config: RunConfig) -> str:
@@ -338,8 +394,8 @@ def describe_estimator(test: dict) -> str:
 
 COLUMNS = [
     ("model", lambda s: s["model"] + (f"[{s['preset']}]" if s.get("preset") else "")),
-    ("objective", lambda s: f"{s['objective']}" + (f" K={s['k']}" if s["k"] > 1 or s["objective"] == "iwae" else "")),
-    ("guide", lambda s: s["guide"]),
+    ("objective", lambda s: _objective(s)),
+    ("guide", lambda s: s.get("guide") or "-"),
     ("epochs", lambda s: str(s["epochs"])),
     ("train s", lambda s: f"{s['train_seconds']:.0f}"),
     ("test NLL", lambda s: " ± ".join(format_number(s["test"][key], ".2f") for key in ("nll", "nll_stderr"))),
@@ -355,6 +411,13 @@ COLUMNS = [
     ("chains' stderr", lambda s: _trusted(s["test"], "mc_stderr_mean", ".3f")),
     ("BDMC gap", lambda s: _bdmc(s.get("bdmc"))),
 ]
+
+
+def _objective(s: dict) -> str:
+    """``iwae K=5``; "-" for a fully observed model's run (no objective in its summary)."""
+    if not s.get("objective"):
+        return "-"
+    return s["objective"] + (f" K={s['k']}" if s["k"] > 1 or s["objective"] == "iwae" else "")
 
 
 def _trusted(test: dict, field: str, fmt: str) -> str:

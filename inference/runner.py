@@ -96,6 +96,15 @@ def load_state(path: Path, device: Union[str, torch.device] = "cpu") -> dict:
     return state
 
 
+def reopen_checkpoint(path: Path) -> None:
+    """Mark the finished run's checkpoint ``path`` as not done, so that a runner with more
+    ``epochs`` goes on from its last step (weights, optimizer, data generator and RNG states
+    as training left them) exactly as an uninterrupted longer run would."""
+    state = load_state(path)
+    state["done"] = False
+    _atomic_save(state, Path(path))
+
+
 class MetricsLog:
     """Append-only JSONL; on resume, lines past the checkpoint's step are dropped."""
 

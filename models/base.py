@@ -8,7 +8,9 @@ A model is an ``nn.Module`` that carries a Pyro program and its default guide:
   whose ``size`` is the dataset size, so that minibatch scaling is right and
   per-datapoint guides can index their parameters by ``idx``.
 * ``guide(x, idx=None, size=None)``: the default amortized guide (the encoder). Fully
-  observed models have no latent sites and an empty guide.
+  observed models (``fully_observed = True``: autoregressive models, flows) have no latent
+  sites and an empty guide; they fit log p(x) itself, so no objective, K or guide describes
+  their runs.
 * ``sample(n)``: ancestral samples, shape ``[n, *event_shape]``.
 * ``log_prob(x)``: exact ``log p(x)`` per datapoint in nats, only where it is exact
   (``has_exact_log_prob = True``).
@@ -203,6 +205,7 @@ class GenerativeModel(nn.Module):
 
     name: ClassVar[str] = "model"
     has_exact_log_prob: ClassVar[bool] = False
+    fully_observed: ClassVar[bool] = False  # no latent sites: trained on log p(x) itself, by any objective
     max_plate_nesting: ClassVar[int] = 1
     config_class: ClassVar[Optional[type]] = None  # dataclass of hyperparameters
     presets: ClassVar[dict] = {}  # name -> config_class instance

@@ -87,6 +87,7 @@ class AutoregressiveModel(GenerativeModel):
     """Base class: a fully observed model with exact ``log_prob`` and ancestral ``sample``."""
 
     has_exact_log_prob = True
+    fully_observed = True
     context_dim: int = 0  # > 0: a conditional model p(x | h), h of this size (see the module docstring)
 
     def model(self, x: Tensor, idx: Optional[Tensor] = None, size: Optional[int] = None):

@@ -79,6 +79,7 @@ class FlowModel(GenerativeModel):
     :meth:`build_transforms`; their config dataclass has a ``base`` field."""
 
     has_exact_log_prob: ClassVar[bool] = True
+    fully_observed: ClassVar[bool] = True
 
     def __init__(self, data_spec: DataSpec, config=None):
         super().__init__(data_spec)
