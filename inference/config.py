@@ -146,8 +146,11 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    estimator: str = setting("auto", "log p(x) estimator (see `dgm list`); auto: exact where it exists, else is")
+    estimator: str = setting(
+        "auto", "log p(x) estimator (see `dgm list`); auto: exact where it exists, else nested (global latents) or is"
+    )
     k: int = setting(1000, "samples per datapoint of the sampling estimators")
+    global_samples: int = setting(100, "nested: draws S of the global latents from their guide, K local samples each")
     limit: Optional[int] = setting(None, "evaluate the first N datapoints only")
     batch_size: int = setting(100, "datapoints per evaluation batch", display=True)
     steps: int = setting(1000, "AIS: intermediate distributions T")
@@ -166,6 +169,7 @@ class EvalConfig:
                 isinstance(value, int) and not isinstance(value, bool) and value >= 1,
                 f"--{name} (AIS) must be an integer >= 1, got {value!r}",
             )
+        require(self.global_samples >= 1, f"--global-samples must be >= 1, got {self.global_samples}")
         for name in ("ais_start", "ais_schedule"):
             allowed = next(f for f in fields(self) if f.name == name).metadata["choices"]
             value = getattr(self, name)

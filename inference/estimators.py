@@ -13,6 +13,15 @@ the ``EvalConfig`` fields it uses (``settings``), whether it proposes from a gui
 * ``is``: importance sampling with the guide as proposal,
   ``log (1/K) sum_k p(x, z_k) / q(z_k | x)``, ``z_k ~ q(z | x)``.
 * ``ais``: annealed importance sampling with HMC, in ``inference.ais``.
+* ``nested``: for models with global latent sites (outside the data plate), the test log
+  predictive density of each datapoint, ``log p(x | X) = log E_{p(theta | X)}[p(x | theta)]``,
+  with the posterior of the globals replaced by their guide ``q(theta)``: for ``s = 1..S``
+  draw ``theta_s ~ q(theta)``, estimate ``p(x | theta_s)`` by IS over the local latents with
+  K samples, ``p_hat_s(x) = (1/K) sum_k p(x, z_k | theta_s) / q(z_k | x, theta_s)``, and
+  return ``log (1/S) sum_s p_hat_s(x)``. Each ``p_hat_s`` is unbiased for ``p(x | theta_s)``,
+  so the estimate is consistent in S (any K) for ``log E_q(theta)[p(x | theta)]``, which is
+  ``log p(x | X)`` when ``q(theta)`` is the exact posterior, and biased low by Jensen for
+  finite S. ``is`` and ``naive`` refuse such models (their bound is per datapoint).
 
 Both sampling estimators are consistent and, by Jensen, biased low for finite K
 (``E[log p_hat] <= log p(x)``); they equal the IWAE_K bound evaluated with K samples.
@@ -25,6 +34,7 @@ Diagnostics per datapoint:
 * ``stderr``: delta-method standard error of ``log p_hat``:
   ``sqrt(Var[w] / K) / mean(w) = sqrt(1 / ESS - 1 / K)``.
 * ``ess``: ``(sum w)^2 / sum w^2``.
+* (``nested``: ``stderr`` and ``ess`` are over the S draws, weights ``p_hat_s(x)``; no k-hat.)
 * ``khat``: the Pareto shape of the weights' upper tail (PSIS, Vehtari et al. 2024), fitted
   with ArviZ's generalized-Pareto fit on the same tail ArviZ's ``psislw`` uses; k > 0.7
   means the estimate is unreliable.
@@ -43,7 +53,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from inference.config import EvalConfig
-from inference.logweights import compute_log_weights
+from inference.logweights import compute_log_weights, draw_globals, global_sites
 from models.base import DGMError, GenerativeModel
 from models.registry import Registry
 
@@ -170,11 +180,14 @@ def importance(
     max_rows: int = 1 << 15,
     khat: bool = True,
     conditions: Optional[Dict[str, Tensor]] = None,
+    fixed_globals: Optional[Dict[str, Tensor]] = None,
 ) -> Estimate:
     """IS estimate of log p(x) for one batch ``x``; ``guide=None`` is the naive estimator.
 
     Samples are drawn ``chunk_size`` at a time (default: ``max_rows // B``). ``conditions``
     (e.g. ``{"y": labels}``, one row per row of ``x``) go to model and guide as keywords.
+    A model with global latent sites is refused unless ``fixed_globals`` holds their values
+    (the estimate is then of ``log p(x | theta)``, as :func:`nested` uses it).
     """
     if num_samples < 1:
         raise DGMError(f"the number of samples K must be >= 1, got {num_samples}")
@@ -192,9 +205,18 @@ def importance(
     with torch.no_grad():
         while done < num_samples:
             k = min(chunk, num_samples - done)
-            lw = compute_log_weights(
-                model, guide, (x,), kwargs, num_particles=k, max_plate_nesting=max_plate_nesting
-            ).log_w.double()
+            weights = compute_log_weights(
+                model,
+                guide,
+                (x,),
+                kwargs,
+                num_particles=k,
+                max_plate_nesting=max_plate_nesting,
+                fixed_globals=fixed_globals,
+            )
+            if weights.has_globals and not fixed_globals:
+                weights.refuse_globals("the is and naive estimators", "--estimator nested")
+            lw = weights.log_w.double()
             if torch.isnan(lw).any():
                 raise DGMError("log-weights are NaN: the model or guide produced invalid densities")
             new_max = torch.maximum(run_max, lw.max(0).values)
@@ -214,6 +236,96 @@ def importance(
     return Estimate(
         log_px.cpu(), stderr.cpu(), ess.cpu(), kh.cpu(), elbo.cpu(), "is" if guide else "naive", num_samples
     )
+
+
+def nested(
+    model: Callable,
+    guide: Optional[Callable],
+    x: Tensor,
+    *,
+    num_samples: int,
+    global_samples: int,
+    idx: Optional[Tensor] = None,
+    size: Optional[int] = None,
+    max_plate_nesting: int = 1,
+    max_rows: int = 1 << 15,
+    conditions: Optional[Dict[str, Tensor]] = None,
+) -> Estimate:
+    """Nested estimate of the log predictive density of each row of ``x`` (module
+    docstring): ``global_samples`` draws of the global sites from ``guide`` (the prior
+    where it does not sample them), ``num_samples`` local samples per datapoint for each.
+
+    Draws are vectorized ``G`` at a time (``G * K * B <= max_rows``: one particle plate of
+    ``G K`` particles, each global draw shared by ``K`` of them); where ``K * B`` alone is
+    larger, each global draw is held fixed over chunks of local samples."""
+    if num_samples < 1 or global_samples < 1:
+        raise DGMError(f"the nested estimator needs K >= 1 and S >= 1, got K={num_samples}, S={global_samples}")
+    b, k = x.shape[0], num_samples
+    kwargs = {"idx": idx, "size": size} if idx is not None else {}
+    kwargs.update(conditions or {})
+    per_draw = []  # [G, B] blocks of log p_hat_s(x_b)
+    local_elbo = torch.zeros(b, dtype=torch.float64, device=x.device)
+    done = 0
+    with torch.no_grad():
+        while done < global_samples:
+            g = min(global_samples - done, max(1, max_rows // max(k * b, 1)))
+            if g * k * b <= max_rows:
+                lw = compute_log_weights(
+                    model,
+                    guide,
+                    (x,),
+                    kwargs,
+                    num_particles=g * k,
+                    max_plate_nesting=max_plate_nesting,
+                    global_draws=g,
+                ).log_w.double()
+                lw = lw.reshape(g, k, b)
+                per_draw.append(torch.logsumexp(lw, dim=1) - math.log(k))
+                local_elbo = local_elbo + lw.mean(1).sum(0)
+            else:
+                g = 1
+                fixed = draw_globals(model, guide, (x,), kwargs, max_plate_nesting=max_plate_nesting)
+                est = importance(
+                    model,
+                    guide,
+                    x,
+                    num_samples=k,
+                    idx=idx,
+                    size=size,
+                    max_plate_nesting=max_plate_nesting,
+                    max_rows=max_rows,
+                    khat=False,
+                    conditions=conditions,
+                    fixed_globals=fixed,
+                )
+                per_draw.append(est.log_px.to(x.device, torch.float64).unsqueeze(0))
+                local_elbo = local_elbo + est.elbo.to(x.device, torch.float64)
+            done += g
+    log_p = torch.cat(per_draw)  # [S, B]
+    if torch.isnan(log_p).any():
+        raise DGMError("log-weights are NaN: the model or guide produced invalid densities")
+    log_px = torch.logsumexp(log_p, dim=0) - math.log(global_samples)
+    w = (log_p - log_p.max(0).values).exp()
+    ess = w.sum(0) ** 2 / (w**2).sum(0)
+    stderr = (1.0 / ess - 1.0 / global_samples).clamp_min(0).sqrt()
+    nan = torch.full_like(log_px, float("nan"))
+    elbo = local_elbo / global_samples
+    return Estimate(log_px.cpu(), stderr.cpu(), ess.cpu(), nan.cpu(), elbo.cpu(), "nested", num_samples)
+
+
+def model_global_sites(model: GenerativeModel) -> Tuple[str, ...]:
+    """The latent sites of ``model`` outside the data plate, found by tracing its program
+    once on two placeholder datapoints (no gradients, the caller's random stream kept)."""
+    import pyro.poutine as poutine
+
+    from models.base import collect_aux_terms
+
+    x = model.data_spec.placeholder(2).to(device=model.device, dtype=model.dtype)
+    kwargs = {"y": torch.zeros(2, dtype=torch.int64, device=x.device)} if model.uses_labels else {}
+    devices = [model.device] if model.device.type == "cuda" else []
+    with poutine.block(), torch.no_grad(), torch.random.fork_rng(devices=devices), collect_aux_terms(train=False):
+        trace = poutine.trace(model.model).get_trace(x, torch.arange(2, device=x.device), 2, **kwargs)
+    return global_sites(trace)
 
 
 def exact(log_prob: Callable[[Tensor], Tensor], x: Tensor) -> Estimate:
@@ -300,9 +412,42 @@ class ImportanceSampling(_Sampling):
     trust = ("khat_frac_above_0.7",)
 
 
+@ESTIMATORS.register(
+    "nested",
+    "models with global latents: log p(x | data) with S global draws from the guide, IS over K local samples each",
+)
+class Nested(Estimator):
+    """The log predictive density with the globals drawn from their guide (module
+    docstring, :func:`nested`); ``stderr``/``ess`` are over the S global draws; ``elbo`` is
+    the mean local log-weight (the local ELBO given the globals, averaged over the draws)."""
+
+    name = "nested"
+    settings = ("k", "global_samples")
+    uses_guide = True
+    reports = ("K", "nll", "nll_stderr", "mc_stderr_mean", "ess_mean", "elbo")
+
+    def estimate(self, model, x, *, guide=None, idx=None, size=None, conditions=None) -> Estimate:
+        est = nested(
+            model.model,
+            guide or model.guide,
+            x,
+            num_samples=self.config.k,
+            global_samples=self.config.global_samples,
+            idx=idx,
+            size=size,
+            max_plate_nesting=model.max_plate_nesting,
+            conditions=conditions,
+        )
+        est.settings = self.describe_settings()
+        return est
+
+
 def default_estimator(model: GenerativeModel) -> str:
-    """``auto``: exact where the model has it, else importance sampling."""
-    return "exact" if model.has_exact_log_prob else "is"
+    """``auto``: exact where the model has it, else ``nested`` for a model with global
+    latent sites, else importance sampling."""
+    if model.has_exact_log_prob:
+        return "exact"
+    return "nested" if model_global_sites(model) else "is"
 
 
 def make_estimator(config: EvalConfig, model: GenerativeModel) -> Estimator:

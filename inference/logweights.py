@@ -19,12 +19,24 @@ that per-datapoint bounds (IWAE) are computed before scaling, which is where Pyr
 Model latent sites the guide does not sample are proposed from the prior, so their prior
 log-density cancels and does not enter ``log_w``. With ``guide=None`` every latent site is
 proposed from the prior: ``log_w`` is the log-likelihood (the naive Monte Carlo estimator).
+
+Global sites. A site outside the data plate (a shared scale, Bayesian decoder weights) has
+no datapoint to be attributed to: its ``log p - log q`` (its ``log p`` for an observed
+one), summed over everything but the particle dim, goes to ``global_log_ratio`` ``[K]``,
+never into ``log_w``; ``log_w`` stays the local, per-datapoint part given the particle's
+globals. A training objective's minibatch total is then, as in Pyro's ``Trace_ELBO``,
+``(N / B) sum_b [local term]_b + [global term]``: each global term counted once per step.
+By default each particle draws its own globals (Pyro's vectorized particles);
+``global_draws=G`` draws only ``G`` of them, each shared by ``K / G`` consecutive particles
+(``G = 1``: one draw shared by all, what the multi-sample bounds need), and
+``fixed_globals`` supplies the values of the global sites instead of drawing them (the
+nested estimator, which holds one draw over several chunks of local samples).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import pyro
 import pyro.poutine as poutine
@@ -52,10 +64,28 @@ class LogWeights:
     scale: float
     kl: Optional[Tensor] = None  # sum of analytic KL(q || p) over sites that have one
     kl_free_log_ratio: Optional[Tensor] = None  # log p(z) - log q(z) of the other sites
+    # sites outside the data plate (None / () when the model has none): log p - log q of
+    # the global latent sites plus log p of global observed ones, [K]; the guide density
+    # of the global sites that need a score-function term, [K] (None without any)
+    global_log_ratio: Optional[Tensor] = None
+    global_log_q_sf: Optional[Tensor] = None
+    global_sites: Tuple[str, ...] = ()
 
     @property
     def num_particles(self) -> int:
         return self.log_w.shape[0]
+
+    @property
+    def has_globals(self) -> bool:
+        return bool(self.global_sites)
+
+    def refuse_globals(self, what: str, instead: str = "elbo or iwae") -> None:
+        """One-line refusal for a reduction that has no meaning with global sites."""
+        if self.global_sites:
+            raise DGMError(
+                f"{what} does not support latent sites outside the {DATA_PLATE!r} plate "
+                f"({', '.join(self.global_sites)}); use {instead}"
+            )
 
 
 class _DetachSamples(Messenger):
@@ -67,6 +97,63 @@ class _DetachSamples(Messenger):
         if msg["type"] == "sample" and not msg["is_observed"] and msg["value"] is None:
             msg["value"] = msg["fn"](*msg["args"], **msg["kwargs"]).detach()
             msg["done"] = True
+
+
+class _ShareGlobals(Messenger):
+    """Draw each latent site outside the data plate ``draws`` times instead of once per
+    particle, each draw shared by ``num_particles / draws`` consecutive particles, or set
+    it to ``fixed[name]``. Placed inside the particle plate, so it runs before the plate
+    broadcasts the distribution (the draw has ``draws`` rows, not K); sites in ``skip``
+    (replayed from the guide) are left alone."""
+
+    def __init__(self, draws, num_particles, particle_dim, fixed=None, detach=False, skip=()):
+        super().__init__()
+        self.draws, self.num_particles, self.particle_dim = draws, num_particles, particle_dim
+        self.fixed, self.detach, self.skip = fixed or {}, detach, set(skip)
+
+    def _process_message(self, msg) -> None:
+        if msg["type"] != "sample" or msg["is_observed"] or msg["value"] is not None or msg["name"] in self.skip:
+            return
+        if site_is_subsample(msg) or any(f.name == DATA_PLATE for f in msg["cond_indep_stack"]):
+            return
+        if msg["name"] in self.fixed:
+            msg["value"], msg["done"] = self.fixed[msg["name"]], True
+            return
+        if self.draws is None:
+            return
+        fn, n = msg["fn"], -self.particle_dim
+        batch = tuple(fn.batch_shape)
+        if len(batch) >= n:
+            raise DGMError(
+                f"site {msg['name']!r} has {len(batch)} batch dims but the particle plate sits at "
+                f"dim {self.particle_dim}; raise the model's max_plate_nesting"
+            )
+        shape = (self.draws,) + (1,) * (n - 1 - len(batch)) + batch
+        fn = fn.expand(shape)
+        value = fn.rsample() if fn.has_rsample else fn.sample()
+        if self.detach:
+            value = value.detach()
+        if 1 < self.draws < self.num_particles:
+            value = value.repeat_interleave(self.num_particles // self.draws, dim=0)
+        msg["value"], msg["done"] = value, True
+
+
+def _global_term(site, log_p: Tensor, particle_dim: int, num_particles: int) -> Tensor:
+    """Sum a global site's log-density over every batch dim but the particles: ``[K]``."""
+    n = -particle_dim
+    if log_p.dim() > n:
+        raise DGMError(
+            f"site {site['name']!r} has {log_p.dim()} batch dims but the particle plate sits at "
+            f"dim {particle_dim}; raise the model's max_plate_nesting"
+        )
+    mask = site["mask"]
+    if mask is not None and mask is not True:
+        log_p = torch.where(mask, log_p, 0.0) if isinstance(mask, Tensor) else log_p * 0.0
+    scale = site["scale"]
+    if not (isinstance(scale, (int, float)) and scale == 1.0):
+        log_p = log_p * scale  # a subsampled plate other than the data plate
+    log_p = log_p.reshape((1,) * (n - log_p.dim()) + tuple(log_p.shape))
+    return log_p.reshape(log_p.shape[0], -1).sum(-1).expand(num_particles)
 
 
 def _per_datapoint(site, log_p: Tensor, particle_dim: int, shape: tuple) -> Tensor:
@@ -130,6 +217,8 @@ def compute_log_weights(
     max_plate_nesting: int = 1,
     force_score_function: bool = False,
     analytic_kl: bool = False,
+    global_draws: Optional[int] = None,
+    fixed_globals: Optional[Dict[str, Tensor]] = None,
 ) -> LogWeights:
     """Draw ``num_particles`` samples from ``guide`` in one vectorized pass and score them.
 
@@ -143,11 +232,21 @@ def compute_log_weights(
         analytic_kl: also return ``kl``, the closed-form KL(q || p) of latent sites whose
             guide and prior pair has one (and which are reparameterized), and
             ``kl_free_log_ratio`` for the rest; only valid for the mean over particles.
+        global_draws: draws of the sites outside the data plate, each shared by
+            ``num_particles / global_draws`` consecutive particles (``None``: one per
+            particle, as Pyro's vectorized particles).
+        fixed_globals: values of sites outside the data plate (``{name: [1, ...]}``, e.g.
+            from :func:`draw_globals`), used by every particle instead of drawing them.
     """
     kwargs = kwargs or {}
     particle_dim = -(max_plate_nesting + 1)
+    if global_draws is not None and (global_draws < 1 or num_particles % global_draws):
+        raise DGMError(f"global_draws must divide the {num_particles} particles, got {global_draws}")
+    share = global_draws is not None or bool(fixed_globals)
 
-    def particles(fn):
+    def particles(fn, skip=()):
+        if share:
+            fn = _ShareGlobals(global_draws, num_particles, particle_dim, fixed_globals, force_score_function, skip)(fn)
         return pyro.plate(PARTICLE_PLATE, num_particles, dim=particle_dim)(fn)
 
     if guide is None:
@@ -158,10 +257,12 @@ def compute_log_weights(
         if force_score_function:
             guide_fn = _DetachSamples()(guide_fn)
         guide_trace = poutine.trace(guide_fn).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(particles(model), trace=guide_trace)).get_trace(*args, **kwargs)
+        replayed = particles(model, skip=guide_trace.nodes)
+        model_trace = poutine.trace(poutine.replay(replayed, trace=guide_trace)).get_trace(*args, **kwargs)
     frame = data_frame(model_trace)
     shape = (num_particles, frame.size)
     lik, prior, q, q_sf, kls, kl_free = [], [], [], [], [], []
+    glob, glob_sf, glob_names = [], [], []
     has_sf = False
 
     guide_sites = {}
@@ -169,6 +270,19 @@ def compute_log_weights(
         guide_sites = {name: site for name, site in _sample_sites(guide_trace) if not site["is_observed"]}
 
     for name, site in _sample_sites(model_trace):
+        if _data_dim(site) is None:  # a global site: counted once, beside the per-datapoint terms
+            glob_names.append(name)
+            if site["is_observed"]:
+                glob.append(_global_term(site, site["fn"].log_prob(site["value"]), particle_dim, num_particles))
+            elif name in guide_sites:
+                g = guide_sites[name]
+                lp = _global_term(site, site["fn"].log_prob(site["value"]), particle_dim, num_particles)
+                lq = _global_term(g, g["fn"].log_prob(g["value"]), particle_dim, num_particles)
+                glob.append(lp - lq)
+                if force_score_function or not g["fn"].has_rsample:
+                    has_sf = True
+                    glob_sf.append(lq)
+            continue
         if site["is_observed"]:
             lik.append(_per_datapoint(site, site["fn"].log_prob(site["value"]), particle_dim, shape))
             continue
@@ -209,7 +323,41 @@ def compute_log_weights(
         scale=(frame.full_size or frame.size) / frame.size,
         kl=total(kls) if analytic_kl else None,
         kl_free_log_ratio=total(kl_free) if analytic_kl else None,
+        global_log_ratio=_sum(glob, num_particles, zeros) if glob_names else None,
+        global_log_q_sf=_sum(glob_sf, num_particles, zeros) if glob_sf else None,
+        global_sites=tuple(glob_names),
     )
+
+
+def _sum(terms: list, num_particles: int, like: Tensor) -> Tensor:
+    return torch.stack(terms).sum(0) if terms else like.new_zeros(num_particles)
+
+
+def global_sites(trace) -> Tuple[str, ...]:
+    """Names of the latent sites of ``trace`` outside the data plate."""
+    return tuple(n for n, s in _sample_sites(trace) if not s["is_observed"] and _data_dim(s) is None)
+
+
+def draw_globals(
+    model: Callable, guide: Optional[Callable], args: tuple = (), kwargs: Optional[dict] = None, *, max_plate_nesting=1
+) -> Dict[str, Tensor]:
+    """One draw of every latent site outside the data plate, ``{name: [1, ...]}``: from the
+    guide where it samples the site, else from the model's prior (given the guide's draws),
+    ready for ``compute_log_weights(..., fixed_globals=...)``. Local sites drawn on the way
+    are discarded."""
+    kwargs = kwargs or {}
+    particle_dim = -(max_plate_nesting + 1)
+
+    def particles(fn, skip=()):
+        return pyro.plate(PARTICLE_PLATE, 1, dim=particle_dim)(_ShareGlobals(1, 1, particle_dim, skip=skip)(fn))
+
+    if guide is None:
+        model_trace = poutine.trace(particles(model)).get_trace(*args, **kwargs)
+    else:
+        guide_trace = poutine.trace(particles(guide)).get_trace(*args, **kwargs)
+        replayed = poutine.replay(particles(model, skip=guide_trace.nodes), trace=guide_trace)
+        model_trace = poutine.trace(replayed).get_trace(*args, **kwargs)
+    return {name: model_trace.nodes[name]["value"] for name in global_sites(model_trace)}
 
 
 def _try_kl(q, p) -> Optional[Tensor]:

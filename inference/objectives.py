@@ -26,6 +26,27 @@ regularized log-weights, still reports the true bound, and adds ``beta`` and eac
 KL (``kl/SITE``) to its terms; the runner advances it with ``set_step``. Without a schedule
 nothing of this runs.
 
+Global latent sites (outside the data plate; ``LogWeights.global_log_ratio``). The loss is
+``-[(N / B) sum_b surrogate_b + G]``, ``G`` the objective's global term, counted once per
+step as in Pyro's ``Trace_ELBO``:
+
+* ``ELBO`` (and ``ScoreFunctionELBO``): each particle draws its own globals ``theta_k ~
+  q(theta)``, ``G = mean_k [log p(theta_k) - log q(theta_k)]``; loss and gradients equal
+  ``Trace_ELBO``'s (tested). Score-function global sites get the learning signal of their
+  whole particle, ``(N / B) sum_b log w_kb + G_k`` (no baseline).
+* ``IWAE``: one global draw ``theta ~ q(theta)`` per step shared by the K particles, K local
+  samples per datapoint given it: ``E_q(theta)[log p(theta) / q(theta) + sum_n IWAE_K(x_n |
+  theta)] <= ELBO_theta <= log p(X)``, IWAE in the local latents and an ELBO in the global
+  ones; it is ``log p(X)`` exactly when both guides are exact posteriors. (Drawing theta per
+  particle inside the logsumexp gives no bound: it tends to ``sum_n log E_q(theta) p(x_n |
+  theta)``, which can exceed ``log p(X)``.)
+
+An objective sets ``supports_globals`` to say it has a global term; the others refuse a
+model with global sites (``LogWeights.refuse_globals``). ``per_datapoint`` and the
+validation bound stay local: the bound of each datapoint given globals drawn from the guide.
+The reported training ``bound`` is ``mean_b bound_b + G / N`` (the minibatch estimate of the
+bound on ``log p(X) / N``), and ``global_kl`` is ``-G``.
+
 Model auxiliary losses (``GenerativeModel.add_aux_loss``, e.g. VQ-VAE's commitment loss) are
 collected around each evaluation of the pair (``models.base.collect_aux_terms``): each adds
 ``(N / B) * sum_b value_b`` to the training loss and its mean to the terms as ``aux/NAME``;
@@ -55,6 +76,8 @@ class LogWeightObjective(Objective, pyro.infer.ELBO):
     force_score_function = False
     analytic_kl = False
     schedule: Optional[KLSchedule] = None
+    supports_globals = False  # has a global term (global_objective) for sites outside the data plate
+    global_draws: Optional[int] = None  # draws of the global sites per step (None: one per particle)
 
     def __init__(self, num_particles: int = 1, max_plate_nesting: Optional[int] = None):
         check_particles(num_particles)
@@ -74,6 +97,11 @@ class LogWeightObjective(Objective, pyro.infer.ELBO):
         """A loss for auxiliary parameters (baselines); added with zero value."""
         return None
 
+    def global_objective(self, lw: LogWeights, bound: Tensor) -> Tuple[Tensor, Tensor]:
+        """``(G, surrogate)``: the global term counted once per step (a scalar) and a
+        surrogate with its value and gradient; only called when ``lw`` has global sites."""
+        lw.refuse_globals(type(self).__name__)
+
     def reduce(self, lw: LogWeights) -> Tuple[Tensor, Tensor]:
         """``(bound [B], surrogate [B])``: the surrogate has the bound's value and the
         estimator's gradient (pathwise plus score-function terms)."""
@@ -87,7 +115,7 @@ class LogWeightObjective(Objective, pyro.infer.ELBO):
     def log_weights(self, model: Callable, guide: Optional[Callable], *args, **kwargs) -> LogWeights:
         if self.model_plates is None:
             self.model_plates = guess_plates(model, guide, args, kwargs)
-        return compute_log_weights(
+        lw = compute_log_weights(
             model,
             guide,
             args,
@@ -96,7 +124,11 @@ class LogWeightObjective(Objective, pyro.infer.ELBO):
             max_plate_nesting=self.model_plates,
             force_score_function=self.force_score_function,
             analytic_kl=self.analytic_kl,
+            global_draws=self.global_draws,
         )
+        if not self.supports_globals:
+            lw.refuse_globals(type(self).__name__)
+        return lw
 
     def loss_terms(self, model, guide, *args, train: bool = True, **kwargs) -> Tuple[Tensor, Terms]:
         """Differentiable loss and detached per-term means (per datapoint, in nats)."""
@@ -130,6 +162,12 @@ class LogWeightObjective(Objective, pyro.infer.ELBO):
             "recon": -lw.log_lik.detach().mean(),
             "kl": kl.detach().mean(),
         }
+        if lw.has_globals:  # counted once per step; per datapoint its share 1 / N
+            value, global_surrogate = self.global_objective(lw, bound)
+            loss = loss - global_surrogate
+            num_data = lw.scale * bound.shape[-1]
+            terms["bound"] = terms["bound"] + value.detach() / num_data
+            terms["global_kl"] = -value.detach()
         if extra is not None:
             for name, value in extra.losses.items():
                 per_datapoint = value.reshape(-1, value.shape[-1]).mean(0)
@@ -155,6 +193,7 @@ class LogWeightObjective(Objective, pyro.infer.ELBO):
             raise DGMError("KL annealing and free bits need a guide (the model has latent sites to regularize)")
         model, guide, traces = recording(model, guide)
         lw = self.log_weights(model, guide, *args, **kwargs)
+        lw.refuse_globals("KL annealing and free bits", "no --kl-warmup / --free-bits with this model")
         groups = kl_groups(
             *traces(),
             tuple(lw.log_w.shape),
@@ -194,6 +233,7 @@ class ELBO(LogWeightObjective):
     """
 
     supports_free_bits = True
+    supports_globals = True
 
     def __init__(self, num_particles: int = 1, analytic_kl: bool = False, **kwargs):
         super().__init__(num_particles, **kwargs)
@@ -215,6 +255,16 @@ class ELBO(LogWeightObjective):
 
     def learning_signal(self, lw: LogWeights, bound: Tensor) -> Tensor:
         return lw.log_w / lw.num_particles
+
+    def global_objective(self, lw: LogWeights, bound: Tensor) -> Tuple[Tensor, Tensor]:
+        """``G = mean_k [log p(theta_k) - log q(theta_k)]``, one global draw per particle;
+        score-function global sites weighted by their particle's whole log-weight."""
+        value = lw.global_log_ratio.mean()
+        if lw.global_log_q_sf is None:
+            return value, value
+        particle = lw.scale * lw.log_w.sum(-1) + lw.global_log_ratio
+        sf = (particle.detach() * lw.global_log_q_sf).mean() + lw.global_log_q_sf.mean()  # see reduce
+        return value, value + (sf - sf.detach())
 
 
 class ScoreFunctionELBO(ELBO):
@@ -313,13 +363,30 @@ class IWAE(LogWeightObjective):
     ``E[IWAE_K] <= E[IWAE_2K] <= log p(x)``; ``IWAE_1`` is the ELBO. Non-reparameterized
     sites get the score-function term ``IWAE_K(x) * sum_k grad log q(z_k)`` (no baseline;
     VIMCO's leave-one-out baseline is the variance-reduced form).
+
+    Global sites: one draw ``theta ~ q(theta)`` per step shared by the K particles; the
+    minibatch objective ``log p(theta) / q(theta) + (N / B) sum_b IWAE_K(x_b | theta)`` has
+    expectation ``<= ELBO_theta <= log p(X)`` (module docstring).
     """
+
+    supports_globals = True
+    global_draws = 1  # one global draw per step, shared by the K particles (module docstring)
 
     def per_datapoint(self, lw: LogWeights) -> Tensor:
         return torch.logsumexp(lw.log_w, dim=0) - math.log(lw.num_particles)
 
     def learning_signal(self, lw: LogWeights, bound: Tensor) -> Tensor:
         return bound.expand_as(lw.log_w)
+
+    def global_objective(self, lw: LogWeights, bound: Tensor) -> Tuple[Tensor, Tensor]:
+        """``G = log p(theta) - log q(theta)`` of the one shared global draw; a
+        score-function global site is weighted by the step's whole bound."""
+        value = lw.global_log_ratio.mean()  # the K entries are equal: one shared draw
+        if lw.global_log_q_sf is None:
+            return value, value
+        log_q = lw.global_log_q_sf.mean()
+        sf = (lw.scale * bound.sum() + value).detach() * log_q + log_q
+        return value, value + (sf - sf.detach())
 
 
 def _check_baseline(config: ObjectiveConfig) -> None:

@@ -1,7 +1,7 @@
 """The log-weight core (``inference.logweights.compute_log_weights``): per-datapoint
 ``log w = log p(x, z) - log q(z | x)`` against PPCA's densities computed by hand, the
 minibatch scale N / B, proposals from the prior, score-function bookkeeping, and the
-refusal of latent sites outside the data plate (float64)."""
+global terms of latent sites outside the data plate (float64)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import torch
 from pyro import poutine
 
 from inference.logweights import compute_log_weights
-from inference.objectives import ELBO
 from models.base import DataSpec, DGMError, GenerativeModel
 from tests.test_ppca import Q, make_model
 
@@ -95,19 +94,33 @@ def test_score_function_terms_only_where_needed_or_forced(float64):
     assert torch.autograd.grad(forced.log_lik.sum(), model.encoder.A, allow_unused=True)[0] is None
 
 
-def test_global_latent_sites_are_refused_with_a_message(float64):
+def test_global_sites_go_to_global_log_ratio_counted_once_and_local_terms_stay_per_datapoint(float64):
+    """A site outside the data plate: its log p - log q is ``global_log_ratio`` ``[K]``, not
+    part of ``log_w``; each particle draws its own unless ``global_draws`` shares them."""
+
     class Global(GenerativeModel):
         def __init__(self):
             super().__init__(DataSpec((1,), "real"))
 
         def model(self, x, idx=None, size=None):
-            pyro.sample("w", dist.Normal(0.0, 1.0))
+            w = pyro.sample("w", dist.Normal(0.0, 1.0))
             with self.data_plate(x, idx, size):
-                pyro.sample("x", dist.Normal(0.0, 1.0).expand([1]).to_event(1), obs=x)
+                pyro.sample("x", dist.Normal(w.unsqueeze(-1), 1.0).to_event(1), obs=x)
 
         def guide(self, x, idx=None, size=None):
-            pyro.sample("w", dist.Normal(0.0, 1.0))
+            pyro.sample("w", dist.Normal(0.5, 0.3))
 
     g = Global()
-    with pytest.raises(DGMError, match="outside the 'data' plate"):
-        ELBO(1).differentiable_loss(g.model, g.guide, torch.zeros(3, 1))
+    x = torch.tensor([[0.1], [-0.4], [1.2]])
+    guide = poutine.trace(g.guide)
+    with torch.no_grad():
+        lw = compute_log_weights(g.model, guide, (x,), num_particles=K)
+        w = guide.msngr.trace.nodes["w"]["value"].reshape(K)
+        shared = compute_log_weights(g.model, g.guide, (x,), num_particles=K, global_draws=1)
+    normal = torch.distributions.Normal
+    assert lw.global_sites == ("w",) and lw.has_globals and w.unique().numel() == K
+    torch.testing.assert_close(lw.global_log_ratio, normal(0.0, 1.0).log_prob(w) - normal(0.5, 0.3).log_prob(w))
+    torch.testing.assert_close(lw.log_w, normal(w[:, None], 1.0).log_prob(x.T))
+    assert torch.all(shared.global_log_ratio == shared.global_log_ratio[0])
+    with pytest.raises(DGMError, match=r"renyi does not support latent sites outside the 'data' plate \(w\)"):
+        lw.refuse_globals("renyi")
