@@ -17,7 +17,7 @@ from typing import List, Optional
 import pyro
 import torch
 
-from benchmarks import ais, ar_sampling, estimator, nade, svi_step, wavenet_sampling
+from benchmarks import ais, ar_sampling, estimator, nade, objectives, svi_step, wavenet_sampling
 from benchmarks.common import banner, format_table, misses, set_threads
 
 
@@ -27,9 +27,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default 1, see common.py)")
     p.add_argument(
         "--only",
-        choices=("svi", "estimator", "nade", "sampling", "wavenet", "ais"),
+        choices=("svi", "estimator", "nade", "sampling", "wavenet", "ais", "objectives"),
         default=None,
-        help="one benchmark (ais runs only when named: ~2 min, ~45 s with --quick)",
+        help="one benchmark (ais and objectives run only when named: ~2 min / ~45 s with --quick; ~1 min)",
     )
     args = p.parse_args(argv)
 
@@ -67,7 +67,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.only in (None, "wavenet"):
         cfg = wavenet_sampling.WaveNetSamplingConfig.quick() if args.quick else wavenet_sampling.WaveNetSamplingConfig()
         wavenet_rows = wavenet_sampling.run(cfg)
-    rows = svi_rows + est_rows + ais_rows + nade_rows + sampling_rows + wavenet_rows
+    objective_rows = []
+    if args.only == "objectives":
+        cfg = objectives.ObjectivesConfig.quick() if args.quick else objectives.ObjectivesConfig()
+        objective_rows = objectives.run(cfg)
+    rows = svi_rows + est_rows + ais_rows + nade_rows + sampling_rows + wavenet_rows + objective_rows
 
     print()
     print(format_table(rows))
