@@ -87,7 +87,11 @@ def params_score(trace, particle_dim: int, shape: Tuple[int, int], what: str) ->
     refuse_non_reparameterized(trace, what)
     total = None
     for _, site in latent_sites(trace):
-        log_q = _per_datapoint(site, site["fn"].log_prob(site["value"].detach()), particle_dim, shape)
+        try:
+            log_q = site["fn"].log_prob(site["value"].detach())
+        except DGMError as e:  # a flow without an inverse (planar, radial)
+            raise DGMError(f"{what} evaluates the guide's density at detached samples, but {e}") from None
+        log_q = _per_datapoint(site, log_q, particle_dim, shape)
         term = log_q - log_q.detach()
         total = term if total is None else total + term
     return torch.zeros(()) if total is None else total
