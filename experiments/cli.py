@@ -123,19 +123,45 @@ def _config_from_args(a: argparse.Namespace):
 
 
 def default_run_dir(config) -> Path:
-    o = config.objective
-    k = f"{o.k}" if o.k > 1 or o.name == "iwae" else ""
-    preset = f"-{config.model.preset}" if config.model.preset else ""
-    return DEFAULT_RUNS / (
-        f"{config.model.name}{preset}-{config.data.name}-{o.name}{k}-{config.guide.name}-s{config.train.seed}"
-    )
+    """``runs/`` and a name that shows every setting differing from the defaults
+    (``experiments.run_names``)."""
+    from experiments.run_names import run_name
+
+    return DEFAULT_RUNS / run_name(config)
+
+
+NAME_COLUMN = 24
+"""``dgm list``: the widest name column; a longer name gets a line of its own."""
+
+
+def plain(text: str) -> str:
+    """A docstring's words without reStructuredText markup: ``:func:`x``` and ``x`` become
+    x, ``:class:`~a.b.C``` becomes C."""
+    import re
+
+    text = re.sub(r":[a-z]+:`~([^`]*\.)?([^`.]+)`", r"\2", text)
+    text = re.sub(r":[a-z]+:`([^`]+)`", r"\1", text)
+    return re.sub(r"``([^`]+)``", r"\1", text)
 
 
 def _print_table(title: str, rows) -> None:
+    """``title:`` then one entry per row: its name, and its description wrapped to the
+    terminal with a hanging indent, so the descriptions stay aligned whatever the names."""
+    import shutil
+    import textwrap
+
     print(f"{title}:")
-    width = max((len(name) for name, _ in rows), default=0) + 2
+    width = min(max((len(name) for name, _ in rows), default=0), NAME_COLUMN) + 2
+    columns = max(shutil.get_terminal_size((100, 24)).columns, 60)
+    indent = " " * (2 + width)
     for name, doc in rows:
-        print(f"  {name:{width}s}{doc}")
+        lines = textwrap.wrap(plain(str(doc)), width=columns - len(indent)) or [""]
+        if len(name) > width - 2:
+            print(f"  {name}")
+        else:
+            print(f"  {name:{width}s}{lines.pop(0)}")
+        for line in lines:
+            print(indent + line)
 
 
 def cmd_list(a) -> None:
@@ -266,7 +292,8 @@ def cmd_sample(a) -> None:
             run.model, run.data.spec, run.data.test[: a.images], out, a.condition_on, per_image=a.per_image
         )
     else:
-        written = run.data.samples.write(run.model, a.out, Path(a.run), n=a.n, title=run.config.describe())
+        title = f"{Path(a.run).name} ({run.config.describe()})"
+        written = run.data.samples.write(run.model, a.out, Path(a.run), n=a.n, title=title)
     print(f"wrote {written}")
 
 

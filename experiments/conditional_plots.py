@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt
 import torch
 from torch import Tensor
 
-from experiments.plots import image_grid
+from experiments.plots import grid_cmap, image_grid
 from inference.device import eval_mode
 from models.base import DGMError
 from models.latent.cvae import CVAE
@@ -46,7 +46,7 @@ def _save(grid_images: Tensor, model, path: Path, nrow: int, title: str) -> Path
     if spec.support == "categorical":
         grid = grid / (spec.num_levels - 1)
     fig = plt.figure(figsize=(0.6 * nrow + 1, 0.6 * (grid_images.shape[0] // nrow) + 1), dpi=100)
-    plt.imshow(grid.numpy(), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+    plt.imshow(grid.numpy(), cmap=grid_cmap(), vmin=0, vmax=1, interpolation="nearest")
     plt.axis("off")
     plt.title(title)
     fig.savefig(path, bbox_inches="tight")
@@ -54,7 +54,9 @@ def _save(grid_images: Tensor, model, path: Path, nrow: int, title: str) -> Path
     return Path(path)
 
 
-def save_analogies(model, path: Path, x: Optional[Tensor] = None, y: Optional[Tensor] = None, n: int = 8) -> Path:
+def save_analogies(
+    model, path: Path, x: Optional[Tensor] = None, y: Optional[Tensor] = None, n: int = 8, label: Optional[str] = None
+) -> Path:
     """Rows of one style each, columns the classes 0..K-1 (after the original ``x`` when
     given: z is then inferred from ``x[:n]`` and its labels ``y[:n]``)."""
     _check(model)
@@ -71,10 +73,10 @@ def save_analogies(model, path: Path, x: Optional[Tensor] = None, y: Optional[Te
             rows = analogy_grid(model, z).reshape(len(z), model.config.num_classes, -1)
             images = torch.cat([x.reshape(len(z), 1, -1).to(rows.dtype), rows], dim=1).reshape(-1, rows.shape[-1])
             nrow = model.config.num_classes + 1
-    return _save(images, model, path, nrow, f"{type(model).__name__}: fixed z per row, class y per column")
+    return _save(images, model, path, nrow, f"{label or type(model).__name__}: fixed z per row, class y per column")
 
 
-def save_style_grid(model, path: Path, per_class: int = 10) -> Path:
+def save_style_grid(model, path: Path, per_class: int = 10, label: Optional[str] = None) -> Path:
     """One row per class, ``per_class`` independent styles z per row."""
     _check(model)
     k = model.config.num_classes
@@ -82,4 +84,5 @@ def save_style_grid(model, path: Path, per_class: int = 10) -> Path:
         classes = torch.arange(k, device=model.device).repeat_interleave(per_class)
         z = model.prior(next(model.parameters())).sample((len(classes),))
         images = model.decode_mean(z, classes)
-    return _save(images, model, path, per_class, f"{type(model).__name__}: class y per row, random z per column")
+    title = f"{label or type(model).__name__}: class y per row, random z per column"
+    return _save(images, model, path, per_class, title)

@@ -105,4 +105,8 @@ def _title(run_dir: Path) -> str:
         config = read_config(run_dir / "config.json")
     except DGMError:
         return run_dir.name
+    from experiments.run_names import fully_observed
+
+    if fully_observed(config):  # fitted on log p(x) itself: no objective to name
+        return f"{run_dir.name}: {config.describe()}"
     return f"{run_dir.name}: {config.describe()}, {config.objective.describe()}"

@@ -33,7 +33,7 @@ from pyro.poutine.util import prune_subsample_sites  # noqa: E402
 from torch import Tensor  # noqa: E402
 from torch.distributions import Categorical, Independent  # noqa: E402
 
-from experiments.plots import image_grid  # noqa: E402
+from experiments.plots import grid_cmap, image_grid  # noqa: E402
 from inference.device import eval_mode  # noqa: E402
 from models.base import DataSpec, DGMError, GenerativeModel  # noqa: E402
 
@@ -169,7 +169,7 @@ def _save_grid(rows: Tensor, spec: DataSpec, path: Path, nrow: int, title: str) 
     grid = image_grid(rows.float().cpu(), spec.image_shape, nrow=nrow)
     n_rows = math.ceil(rows.shape[0] / nrow)
     fig = plt.figure(figsize=(max(nrow * 0.8, 3), max(n_rows * 0.8, 1.5)), dpi=100)
-    plt.imshow(grid.numpy(), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+    plt.imshow(grid.numpy(), cmap=grid_cmap(), vmin=0, vmax=1, interpolation="nearest")
     plt.axis("off")
     plt.title(title, fontsize=8)
     fig.savefig(path, bbox_inches="tight")
@@ -178,10 +178,17 @@ def _save_grid(rows: Tensor, spec: DataSpec, path: Path, nrow: int, title: str) 
 
 
 def save_interpolations(
-    model: GenerativeModel, guide: Callable, x: Tensor, path: Path, pairs: int = 4, steps: int = 8, method="slerp"
+    model: GenerativeModel,
+    guide: Callable,
+    x: Tensor,
+    path: Path,
+    pairs: int = 4,
+    steps: int = 8,
+    method="slerp",
+    label: Optional[str] = None,
 ) -> Path:
     """One row per pair ``(x[2i], x[2i+1])``: the two originals at the ends, decoded means
-    of ``steps`` interpolated codes between them."""
+    of ``steps`` interpolated codes between them. ``label`` (the run) heads the title."""
     _check_images(model.data_spec, "interpolate")
     if x.shape[0] < 2 * pairs:
         raise DGMError(f"interpolating {pairs} pairs needs {2 * pairs} datapoints, got {x.shape[0]}")
@@ -191,11 +198,13 @@ def save_interpolations(
         for i in range(pairs):
             between = interpolate(model, guide, x[2 * i], x[2 * i + 1], steps, method).reshape(steps, -1)
             rows += [flat[2 * i : 2 * i + 1], between, flat[2 * i + 1 : 2 * i + 2]]
-    title = f"{type(model).__name__}: {method} interpolation between test points (decoder means)"
+    title = f"{label or type(model).__name__}: {method} interpolation between test points (decoder means)"
     return _save_grid(torch.cat(rows), model.data_spec, path, steps + 2, title)
 
 
-def save_reconstructions(model: GenerativeModel, guide: Callable, x: Tensor, path: Path) -> Path:
+def save_reconstructions(
+    model: GenerativeModel, guide: Callable, x: Tensor, path: Path, label: Optional[str] = None
+) -> Path:
     """Pairs of rows: originals, then the decoder means at their encodings."""
     _check_images(model.data_spec, "reconstruct")
     with eval_mode(model):
@@ -203,11 +212,18 @@ def save_reconstructions(model: GenerativeModel, guide: Callable, x: Tensor, pat
     n, nrow = x.shape[0], min(x.shape[0], 10)
     flat, recon = x.reshape(n, -1), recon.reshape(n, -1)
     rows = torch.cat([torch.cat([flat[i : i + nrow], recon[i : i + nrow]]) for i in range(0, n, nrow)])
-    return _save_grid(rows, model.data_spec, path, nrow, f"{type(model).__name__}: originals / reconstructions")
+    title = f"{label or type(model).__name__}: originals / reconstructions"
+    return _save_grid(rows, model.data_spec, path, nrow, title)
 
 
 def save_projection(
-    model: GenerativeModel, guide: Callable, x: Tensor, path: Path, labels: Optional[Tensor] = None, site=None
+    model: GenerativeModel,
+    guide: Callable,
+    x: Tensor,
+    path: Path,
+    labels: Optional[Tensor] = None,
+    site=None,
+    label: Optional[str] = None,
 ) -> Path:
     """Scatter of the 2-D projection of the posterior means of ``site`` (default: the
     guide's last site, the top of a hierarchy), coloured by ``labels`` when given."""
@@ -225,7 +241,13 @@ def save_projection(
         plt.colorbar(points, label="label")
     dim = codes[site].reshape(x.shape[0], -1).shape[1]
     axes = "posterior means" if dim <= 2 else "first two principal components of the posterior means"
-    plt.title(f"{type(model).__name__}: site {site!r} ({dim}-D), {axes}", fontsize=8)
+    if dim <= 2:
+        plt.xlabel(f"E[{site}_1 | x]")
+        plt.ylabel(f"E[{site}_2 | x]" if dim == 2 else "(one-dimensional code)")
+    else:
+        plt.xlabel(f"principal component 1 of E[{site} | x]")
+        plt.ylabel(f"principal component 2 of E[{site} | x]")
+    plt.title(f"{label or type(model).__name__}: site {site!r} ({dim}-D), {axes}", fontsize=8)
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return Path(path)
@@ -245,6 +267,7 @@ def run_latent(run_dir: Path, what: str, out: Optional[Path] = None, n: int = 10
             f"{run_dir} has a {run.guide.describe()} guide, which cannot encode new data; train with --guide amortized"
         )
     out = Path(out) if out is not None else Path(run_dir) / f"latent-{what}.png"
+    label = f"{Path(run_dir).name} ({run.config.describe()})"  # the run, in every picture's title
     data = run.data
     x = data.test.to(run.device)
     model, guide = run.model, run.guide
@@ -252,17 +275,24 @@ def run_latent(run_dir: Path, what: str, out: Optional[Path] = None, n: int = 10
         from experiments.conditional_plots import save_analogies, save_style_grid
 
         if what == "style":
-            return save_style_grid(model, out)
-        return save_analogies(model, out, x, data.test_labels, n=kwargs.get("images", 8))
+            return save_style_grid(model, out, label=label)
+        return save_analogies(model, out, x, data.test_labels, n=kwargs.get("images", 8), label=label)
     if model.uses_labels:
         raise DGMError(
             f"{run.config.model.name} is class-conditional: its latent space is explored with --what analogies or style"
         )
     if what == "project":
         labels = None if data.test_labels is None else data.test_labels[:n]
-        return save_projection(model, guide, x[:n], out, labels, kwargs.get("site"))
+        return save_projection(model, guide, x[:n], out, labels, kwargs.get("site"), label=label)
     if what == "reconstruct":
-        return save_reconstructions(model, guide, x[: min(n, kwargs.get("images", 20))], out)
+        return save_reconstructions(model, guide, x[: min(n, kwargs.get("images", 20))], out, label=label)
     return save_interpolations(
-        model, guide, x, out, kwargs.get("pairs", 4), kwargs.get("steps", 8), kwargs.get("method", "slerp")
+        model,
+        guide,
+        x,
+        out,
+        kwargs.get("pairs", 4),
+        kwargs.get("steps", 8),
+        kwargs.get("method", "slerp"),
+        label=label,
     )

@@ -14,13 +14,17 @@ import torch  # noqa: E402
 from inference.device import eval_mode  # noqa: E402
 from models.base import DataSpec, DGMError  # noqa: E402
 
+FRAME_COLOUR = "#9ec5e8"
+"""The colour of the one-pixel frame between tiles: light, and neither ink nor paper."""
+
 
 def image_grid(x: torch.Tensor, image_shape, nrow: int) -> torch.Tensor:
-    """Tile ``[n, prod(image_shape)]`` images into one ``[rows*H, nrow*W]`` array."""
+    """Tile ``[n, prod(image_shape)]`` images into one ``[rows*H, nrow*W]`` array; the
+    frame between tiles is NaN, which :func:`grid_cmap` draws in ``FRAME_COLOUR``."""
     h, w = image_shape[-2:]
     n = x.shape[0]
     rows = math.ceil(n / nrow)
-    canvas = torch.ones(rows * (h + 1) + 1, nrow * (w + 1) + 1)
+    canvas = torch.full((rows * (h + 1) + 1, nrow * (w + 1) + 1), float("nan"))
     imgs = x.reshape(n, -1)[:, -h * w :].reshape(n, h, w)  # first channel of multi-channel data
     for i in range(n):
         r, c = divmod(i, nrow)
@@ -28,9 +32,14 @@ def image_grid(x: torch.Tensor, image_shape, nrow: int) -> torch.Tensor:
     return canvas
 
 
-def save_samples(model, spec: DataSpec, path: Path, n: int = 64) -> Path:
+def grid_cmap():
+    """White paper, black ink, and the frame of :func:`image_grid` (NaN) in ``FRAME_COLOUR``."""
+    return plt.get_cmap("gray_r").with_extremes(bad=FRAME_COLOUR)
+
+
+def save_samples(model, spec: DataSpec, path: Path, n: int = 64, title: str = "") -> Path:
     """Draw ``n`` samples from ``model`` and save them as a PNG (``.png`` is added to a
-    path without a suffix); returns the path written."""
+    path without a suffix), titled with ``title`` (the run) and the count; returns the path written."""
     path = Path(path)
     path = path if path.suffix else path.with_name(path.name + ".png")
     with eval_mode(model), torch.no_grad():
@@ -40,12 +49,12 @@ def save_samples(model, spec: DataSpec, path: Path, n: int = 64) -> Path:
         grid = image_grid(x, spec.image_shape, nrow=int(math.ceil(math.sqrt(n))))
         if spec.support == "categorical":
             grid = grid / (spec.num_levels - 1)
-        plt.imshow(grid.numpy(), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+        plt.imshow(grid.numpy(), cmap=grid_cmap(), vmin=0, vmax=1, interpolation="nearest")
         plt.axis("off")
     else:
         plt.scatter(x[:, 0].numpy(), x[:, 1].numpy(), s=3, alpha=0.5)
         plt.gca().set_aspect("equal")
-    plt.title(f"{type(model).__name__}: {n} samples")
+    plt.title(f"{title or type(model).__name__}: {n} samples", fontsize=9)
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return Path(path)
@@ -85,7 +94,7 @@ def save_completions(model, spec: DataSpec, x: torch.Tensor, path: Path, conditi
         rows = rows / (spec.num_levels - 1)
     grid = image_grid(rows, spec.image_shape, nrow=per_image + 2)
     fig = plt.figure(figsize=(per_image + 2, x.shape[0] + 0.5), dpi=100)
-    plt.imshow(grid.numpy(), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+    plt.imshow(grid.numpy(), cmap=grid_cmap(), vmin=0, vmax=1, interpolation="nearest")
     plt.axis("off")
     plt.title(f"{type(model).__name__}: original, known ({condition}), {per_image} completions", fontsize=8)
     fig.savefig(path, bbox_inches="tight")

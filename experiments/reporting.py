@@ -51,7 +51,7 @@ class ImageSamples(SampleFormat):
     def _write(self, model, path, n, title):
         from experiments.plots import save_samples
 
-        return save_samples(model, self.spec, path, n=n)
+        return save_samples(model, self.spec, path, n=n, title=title)
 
 
 @dataclass
@@ -64,7 +64,7 @@ class PointSamples(SampleFormat):
     def _write(self, model, path, n, title):
         from experiments.plots import save_samples
 
-        return save_samples(model, self.spec, path, n=n)
+        return save_samples(model, self.spec, path, n=n, title=title)
 
     def write_run_outputs(self, model, data, run_dir, title):
         super().write_run_outputs(model, data, run_dir, title)

@@ -32,6 +32,7 @@ from experiments import data as datasets
 from experiments.config import DataConfig, ModelConfig, RunConfig, defining, differences, read_config
 from experiments.curves import save_curves
 from experiments.labels import keep_labels
+from experiments.run_names import fully_observed
 from inference.config import EvalConfig, from_dict
 from inference.device import resolve_device
 from inference.evaluation import evaluate
@@ -161,10 +162,7 @@ def train_run(config: RunConfig, run_dir: PathLike) -> dict:
         "model": config.model.name,
         "preset": config.model.preset,
         "data": data.describe(),
-        "objective": config.objective.name,
-        "k": config.objective.k,
-        "guide": runner.guide.describe(),
-        "kl_schedule": _describe_schedule(config),
+        **_fit_labels(config, runner),
         "epochs": progress["epoch"],
         "steps": progress["step"],
         "train_seconds": round(progress["train_seconds"], 2),
@@ -178,10 +176,23 @@ def train_run(config: RunConfig, run_dir: PathLike) -> dict:
     extra = data.report(runner.model, summary, data.test)
     summary["test"].update(extra.pop("test", {}))
     summary.update(extra)
-    data.write_run_outputs(runner.model, run_dir, title=config.describe())
+    data.write_run_outputs(runner.model, run_dir, title=f"{run_dir.name} ({config.describe()})")
     save_curves(run_dir)
     write_json(run_dir / "summary.json", summary)
     return _finite(summary)  # as written: NaN and infinities are None
+
+
+def _fit_labels(config: RunConfig, runner: Runner) -> dict:
+    """What the summary says of the fit: objective, K, guide and KL schedule; none of them
+    for a fully observed model, which fits log p(x) itself (``experiments.run_names``)."""
+    if fully_observed(config):
+        return {}
+    return {
+        "objective": config.objective.name,
+        "k": config.objective.k,
+        "guide": runner.guide.describe(),
+        "kl_schedule": _describe_schedule(config),
+    }
 
 
 RUN_FILES = (

@@ -5,7 +5,8 @@
 * ``active_units``: a latent unit u is active when ``Cov_x(E_q[u | x]) > 0.01``
   (Burda et al. 2016, section 5.2); posterior collapse shows as few active units. With
   several latent sites (stochastic layers) it counts them per site, as the paper's table 2
-  does per layer.
+  does per layer. Sites outside the data plate (global latents) have no units per
+  datapoint and are not counted.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import pyro.poutine as poutine
 import torch
 from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
+
+from models.base import DATA_PLATE
 
 ACTIVE_THRESHOLD = 1e-2
 
@@ -58,6 +61,8 @@ def _site_means(guide: Callable, x: Tensor, idx: Tensor, n: int, num_samples: in
     for name, site in trace.nodes.items():
         if site["type"] != "sample" or site["is_observed"]:
             continue
+        if not any(f.name == DATA_PLATE for f in site["cond_indep_stack"]):
+            continue  # a global site (decoder weights): no datapoint whose unit it is
         fn = site["fn"]
         try:
             means[name] = fn.mean

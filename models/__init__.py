@@ -18,6 +18,7 @@ from models.autoregressive.wavenet import WaveNet, WaveNetConfig
 from models.base import DataError, DataSpec, DGMError, GenerativeModel
 from models.flows import MAF, NICE, RealNVP
 from models.latent.ar_vae import ARVAE
+from models.latent.bayes_vae import BayesVAE, BayesVAEConfig
 from models.latent.bernoulli_mixture import BernoulliMixture, BernoulliMixtureConfig
 from models.latent.cvae import CVAE, CVAEConfig
 from models.latent.gaussian_mixture import GaussianMixture, GaussianMixtureConfig
@@ -33,6 +34,8 @@ __all__ = [
     "MODELS",
     "register_model",
     "ARVAE",
+    "BayesVAE",
+    "BayesVAEConfig",
     "MAF",
     "NICE",
     "RealNVP",

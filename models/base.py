@@ -2,11 +2,13 @@
 
 A model is an ``nn.Module`` that carries a Pyro program and its default guide:
 
-* ``model(x, idx=None, size=None)``: the generative program. Every latent site and the
+* ``model(x, idx=None, size=None)``: the generative program. Local latent sites and the
   observed site live inside ``self.data_plate(x, idx, size)``, a ``pyro.plate("data")``
   at ``dim=-1`` whose ``subsample`` is ``idx`` (dataset indices of the minibatch) and
   whose ``size`` is the dataset size, so that minibatch scaling is right and
-  per-datapoint guides can index their parameters by ``idx``.
+  per-datapoint guides can index their parameters by ``idx``. Global latent sites (shared
+  by all datapoints: a Bayesian layer's weights) live outside it; objectives count them
+  once per step and the ``nested`` estimator draws them from the guide (``bayes_vae``).
 * ``guide(x, idx=None, size=None)``: the default amortized guide (the encoder). Fully
   observed models (``fully_observed = True``: autoregressive models, flows) have no latent
   sites and an empty guide; they fit log p(x) itself, so no objective, K or guide describes
