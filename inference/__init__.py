@@ -4,7 +4,8 @@ Everything reduces the per-datapoint log-weights of ``inference.logweights``. Ea
 part has one interface and one registry:
 
 * objectives: ``inference.objective.Objective``, registered in ``OBJECTIVES``
-  (``elbo``, ``elbo-sf``, ``iwae`` in ``objectives``; ``elbo-enum`` in ``enum``; ``em``);
+  (``elbo``, ``elbo-sf``, ``iwae`` in ``objectives``; ``elbo-enum`` in ``enum``; ``em``;
+  ``renyi``, ``vimco``, ``stl``, ``dreg``, ``rws``, each in its own module);
 * guides: ``inference.guides.Guide``, registered in ``GUIDES`` (``amortized``, ``local``;
   ``iaf``, ``planar``, ``radial`` in ``flow_guides``);
 * estimators: ``inference.estimators.Estimator``, registered in ``ESTIMATORS``
