@@ -113,3 +113,19 @@ def test_alpha_is_checked():
     with pytest.raises(ConfigError, match="--alpha"):
         RenyiBound(2, alpha=float("nan"))
     assert make_objective(ObjectiveConfig(name="renyi", k=3, alpha=0.25)).alpha == 0.25
+
+
+@pytest.mark.parametrize("alpha", [0.5, 2.0])
+def test_equals_pyro_renyi_elbo_for_one_datapoint(float64, alpha):
+    """For a batch of one datapoint Pyro's RenyiELBO is our bound (for more, Pyro sums the
+    batch inside the power mean); values and gradients from the same draws."""
+    m = small_vae()
+    x = torch.bernoulli(torch.full((1, 12), 0.3))
+    ours = _loss_and_grads(m, RenyiBound(6, alpha=alpha), x, seed=0)
+    pm, pg = m.svi_pair()
+    pyro.set_rng_seed(0)
+    m.zero_grad()
+    theirs = pyro.infer.RenyiELBO(alpha=alpha, num_particles=6, max_plate_nesting=2, vectorize_particles=True)
+    value = theirs.loss_and_grads(pm, pg, x)
+    assert ours[0] == pytest.approx(value, rel=1e-12)
+    torch.testing.assert_close(ours[1], torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]))
