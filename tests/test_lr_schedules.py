@@ -175,3 +175,30 @@ def test_a_run_with_a_schedule_interrupted_mid_epoch_resumes_bit_for_bit(tmp_pat
         return [(r["step"], r["lr"]) for r in lines if r["split"] == "train"]
 
     assert rates("whole") == rates("killed") == [(s + 1, learning_rate(cfg, s, 3)) for s in range(9)]
+
+
+# --- the paper protocol ---------------------------------------------------------------------------
+@pytest.mark.parametrize("experiment", ["mnist-iwae", "mnist-vae2"])
+def test_the_paper_protocol_is_burda_et_al_s(experiment):
+    from experiments.reproduce import EXPERIMENTS, _tiny
+
+    runs = EXPERIMENTS[experiment].paper
+    assert sorted((c.objective.name, c.objective.k) for _, c in runs) == sorted(
+        [("elbo", 1), ("elbo", 5), ("elbo", 50), ("iwae", 5), ("iwae", 50)]  # Table 1: VAE and IWAE, K = 1, 5, 50
+    )
+    for _, config in runs:
+        t = config.train
+        assert (t.batch_size, t.lr, t.adam_eps, t.lr_schedule, t.epochs) == (20, 1e-3, 1e-4, "burda", 3280)
+        assert config.eval.k == 5000 and config.eval.limit is None  # all 10,000 test images
+        assert config.data.name == "mnist" and config.data.binarization == "dynamic"
+        config.check()
+        assert _tiny(t)["epochs"] == 3280 and _tiny(t)["max_steps"] == 3  # --tiny keeps the schedule's length
+    assert EXPERIMENTS["quickstart"].paper is None
+
+
+def test_an_experiment_without_a_paper_protocol_refuses_it(tmp_path):
+    from experiments.reproduce import reproduce
+    from models.base import DGMError
+
+    with pytest.raises(DGMError, match="no paper protocol; experiments with one: mnist-iwae, mnist-vae2"):
+        reproduce("quickstart", out=tmp_path, protocol="paper")

@@ -9,7 +9,7 @@ import torch
 from experiments.cli import default_run_dir, main
 from experiments.config import RunConfig
 from experiments.run_names import SUFFIX_LIMIT, run_name
-from experiments.runs import compare, train_run
+from experiments.runs import train_run
 from models.base import DGMError
 
 TINY = ["--data", "digits", "--preset", "small", "--batch-size", "500", "--device", "cpu", "--no-progress"]
