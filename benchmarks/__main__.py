@@ -59,6 +59,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     nade_rows = []
     if args.only in (None, "nade"):
         nade_rows = nade.run(nade.NADEBenchConfig.quick() if args.quick else nade.NADEBenchConfig())
+    startup_rows = []
+    if args.only in (None, "startup"):
+        startup_rows = startup.run(startup.StartupConfig.quick() if args.quick else startup.StartupConfig())
     sampling_rows = []
     if args.only in (None, "sampling"):
         cfg = ar_sampling.SamplingConfig.quick() if args.quick else ar_sampling.SamplingConfig()
@@ -71,7 +74,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.only == "objectives":
         cfg = objectives.ObjectivesConfig.quick() if args.quick else objectives.ObjectivesConfig()
         objective_rows = objectives.run(cfg)
-    rows = svi_rows + est_rows + ais_rows + nade_rows + sampling_rows + wavenet_rows + objective_rows
+    rows = svi_rows + est_rows + ais_rows + nade_rows + startup_rows + sampling_rows + wavenet_rows + objective_rows
 
     print()
     print(format_table(rows))

@@ -36,7 +36,9 @@ DEFAULT_RUNS = Path("runs")
 
 class _Choices:
     """Argument choices read from ``module.attr`` only when argparse looks at them, so that
-    building the parser imports no plotting library (``dgm --help`` and ``dgm list`` stay fast)."""
+    building the parser imports no plotting library (``dgm --help`` and ``dgm list`` stay fast).
+    Give the argument a ``metavar`` (and ``%(choices)s`` in its help): without one,
+    ``add_argument`` lists the choices to format the usage line, which imports the module."""
 
     def __init__(self, module: str, attr: str):
         self.module, self.attr = module, attr
@@ -442,7 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--what",
         default="interpolate",
         choices=_Choices("experiments.latent_tools", "WHAT"),
-        help="analogies, style: cvae and m2",
+        metavar="VIEW",
+        help="one of: %(choices)s (analogies, style: cvae and m2)",
     )
     p.add_argument("--out", type=Path, default=None, help="PNG path (default RUN/latent-WHAT.png)")
     p.add_argument("--n", type=int, default=1000, help="project: test points to encode")
@@ -457,11 +460,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="PNG path (default RUN/density.png)")
     p.add_argument("--split", default="train", choices=["train", "val", "test"], help="data drawn under it")
     p.set_defaults(fn=cmd_density)
-    from experiments.code_prior import PRIORS
-
     p = sub.add_parser("fit-prior", help="stage 2 of a vqvae run: fit a PixelCNN prior over its codes")
     p.add_argument("run", type=Path, help="a finished vqvae run directory")
-    p.add_argument("--prior", default="pixelcnn", choices=PRIORS)
+    p.add_argument(
+        "--prior",
+        default="pixelcnn",
+        choices=_Choices("experiments.code_prior", "PRIORS"),
+        metavar="PRIOR",
+        help="one of: %(choices)s",
+    )
     p.add_argument("--preset", default=None, help="preset of the prior model (e.g. small, cpu)")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="override one prior option")
     _add_loop_args(p)
