@@ -17,7 +17,7 @@ from typing import List, Optional
 import pyro
 import torch
 
-from benchmarks import ais, ar_sampling, estimator, nade, objectives, svi_step, wavenet_sampling
+from benchmarks import ais, ar_sampling, estimator, nade, objectives, startup, svi_step, wavenet_sampling
 from benchmarks.common import banner, format_table, misses, set_threads
 
 
@@ -27,7 +27,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default 1, see common.py)")
     p.add_argument(
         "--only",
-        choices=("svi", "estimator", "nade", "sampling", "wavenet", "ais", "objectives"),
+        choices=("svi", "estimator", "nade", "startup", "sampling", "wavenet", "ais", "objectives"),
         default=None,
         help="one benchmark (ais and objectives run only when named: ~2 min / ~45 s with --quick; ~1 min)",
     )
