@@ -81,9 +81,14 @@ class DReG(STL):
         refuse_non_reparameterized(trace, self.name)
         refuse_hierarchical(trace, self.name)
 
+    _guide_checked = False  # a guide reaching log_weights without check() (pyro.infer.SVI) is checked once
+
     def log_weights(self, model: Callable, guide: Optional[Callable], *args, **kwargs) -> LogWeights:
         lw, trace = self.path_log_weights(model, guide, *args, **kwargs)
         if trace is not None:
+            if not self._guide_checked:
+                refuse_hierarchical(trace, self.name)
+                self._guide_checked = True
             w = torch.softmax(lw.log_w.detach(), dim=0)
             particle_dim = -(self.model_plates + 1)
             for _, site in latent_sites(trace):

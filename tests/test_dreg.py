@@ -86,3 +86,5 @@ def test_dreg_refuses_discrete_and_hierarchical_guides(float64):
     with pytest.raises(DGMError, match="dreg needs guide sites that do not condition on other sampled latents"):
         objective.check(vae2)
     objective.check(VAE(DataSpec((6,), "binary"), VAEConfig(latent_dim=2)))  # a one-site Gaussian guide: accepted
+    with pytest.raises(DGMError, match="depends on 'h1'"):  # without check(), as pyro.infer.SVI calls it
+        DReG(2).differentiable_loss(vae2.model, vae2.guide, torch.zeros(3, 6))
