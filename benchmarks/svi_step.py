@@ -123,7 +123,8 @@ class RawIWAE:
 
 class RawScoreFunctionELBO:
     """``surrogate = log w + (log w.detach() - b) * log q(z)`` with ``z`` detached and
-    ``b`` a decaying average of the batch-mean learning signal, minus the direct gradient
+    ``b`` a decaying average of earlier batches' mean learning signal (none on the first
+    step), minus the direct gradient
     of ``-log q`` (zero in expectation); written so that the surrogate's value is ``log w``."""
 
     def __init__(self, model: VAE, n: int, decay: float):
@@ -134,10 +135,11 @@ class RawScoreFunctionELBO:
         log_w, log_q = raw_log_weights(self.model, x, None, detach_z=True)
         signal = log_w.detach()
         mean = signal.mean()
-        if self.average is None:
+        if self.average is None:  # no baseline on the first step (not the batch's own mean), as ours
             self.average = mean.clone()
-        signal = signal - self.average
-        self.average = self.decay * self.average + (1 - self.decay) * mean
+        else:
+            signal = signal - self.average
+            self.average = self.decay * self.average + (1 - self.decay) * mean
         sf = signal * log_q
         # E_q[grad log q(z)] = 0 for the ELBO: the direct gradient of -log q is dropped,
         # as TraceGraph_ELBO and our ELBO.reduce do
