@@ -79,7 +79,8 @@ class EstimatorConfig:
 
     @classmethod
     def quick(cls) -> "EstimatorConfig":
-        return cls(batch=20, rounds=3, pyro_points=1, pyro_samples=50)
+        # memory: K = 20,000 is still 5 chunks of 4,096 samples, against 1 at K = 5,000
+        return cls(batch=20, rounds=3, pyro_points=1, pyro_samples=50, memory_ks=(5_000, 20_000))
 
 
 def make_data(batch: int, seed: int) -> Tensor:

@@ -4,14 +4,15 @@ Contenders, each a fresh process, run interleaved (base, help, list, base, help,
 for ``rounds`` rounds:
 
 * ``base``: ``python -c "import torch, pyro"``, the floor every command pays;
-* ``dgm --help`` and ``dgm list``: the console script next to this interpreter (or
-  ``python -m experiments.cli`` without one), output discarded.
+* ``dgm --help`` and ``dgm list``: what the ``dgm`` console script runs (``from
+  experiments.cli import main; main(argv)``), then one line that prints the top-level
+  packages the command loaded, so the timed runs also say which heavy libraries
+  (``HEAVY``: plotting, ArviZ, SciPy, ...) it loaded. Output discarded.
 
 Measured: CPU time (user + system) of each child, from ``getrusage(RUSAGE_CHILDREN)``
 around it; wall time on a shared machine mostly measures the other jobs. Ratio: median CPU
-time of the command over the median of ``base``; target at most 1.3. The heavy libraries a
-command loaded (``HEAVY``: plotting, ArviZ, SciPy, ...) are printed too; they load only where
-a command uses them.
+time of the command over the median of ``base``; target at most 1.3. No warm-up run: the
+launching process has already read torch, Pyro and the suite from disk.
 
 ``python -m benchmarks --only startup`` (or ``python -m benchmarks.startup [--quick]``).
 """
@@ -25,8 +26,7 @@ import statistics
 import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from benchmarks.common import REPO, Row, Target, format_table
 
@@ -51,40 +51,44 @@ class StartupConfig:
         return cls(rounds=3)
 
 
-def dgm_command() -> List[str]:
-    script = Path(sys.executable).parent / "dgm"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "experiments.cli"]
-
-
-def cpu_seconds(cmd: List[str]) -> float:
-    """User + system CPU seconds of one run of ``cmd`` (output discarded)."""
+def timed_run(cmd: List[str]) -> Tuple[float, str]:
+    """User + system CPU seconds of one run of ``cmd``, and its standard error."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    subprocess.run(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+    proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=True)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), proc.stderr
+
+
+def dgm(args: List[str]) -> List[str]:
+    """``dgm *args`` as the console script runs it, plus the probe line (see the module docstring)."""
+    return [sys.executable, "-c", _PROBE, *args]
+
+
+def loaded_heavy(stderr: str) -> List[str]:
+    """The ``HEAVY`` packages named in the probe line of a ``dgm`` run's standard error."""
+    loaded = json.loads(stderr.strip().splitlines()[-1])
+    return [m for m in HEAVY if m in loaded]
 
 
 def heavy_modules(args: List[str]) -> List[str]:
     """The ``HEAVY`` packages loaded by ``dgm *args``."""
-    proc = subprocess.run([sys.executable, "-c", _PROBE, *args], cwd=REPO, capture_output=True, text=True, check=True)
-    loaded = json.loads(proc.stderr.strip().splitlines()[-1])
-    return [m for m in HEAVY if m in loaded]
+    return loaded_heavy(timed_run(dgm(args))[1])
 
 
 def run(cfg: StartupConfig, log=print) -> List[Row]:
-    dgm = dgm_command()
     commands: Dict[str, List[str]] = {
         "base": [sys.executable, "-c", "import torch, pyro"],
-        "dgm --help": dgm + ["--help"],
-        "dgm list": dgm + ["list"],
+        "dgm --help": dgm(["--help"]),
+        "dgm list": dgm(["list"]),
     }
-    for cmd in commands.values():  # warm the file cache
-        cpu_seconds(cmd)
     times: Dict[str, List[float]] = {name: [] for name in commands}
+    heavy: Dict[str, List[str]] = {}
     for _ in range(cfg.rounds):
         for name, cmd in commands.items():
-            times[name].append(cpu_seconds(cmd))
-    heavy = {name: heavy_modules(cmd[len(dgm) :]) for name, cmd in commands.items() if name != "base"}
+            seconds, stderr = timed_run(cmd)
+            times[name].append(seconds)
+            if name != "base":
+                heavy[name] = loaded_heavy(stderr)
     log(
         f"startup: {cfg.rounds} rounds, CPU s per run: "
         + "; ".join(f"{name} {' '.join(f'{t:.2f}' for t in v)}" for name, v in times.items())
