@@ -51,6 +51,7 @@ def curves(records: List[Dict]) -> Dict[str, Dict[str, List[float]]]:
         return ([s for s, _ in points], [v for _, v in points])
 
     terms = sorted({k for r in train for k, v in r.items() if k not in NOT_TERMS and isinstance(v, (int, float))})
+    terms = [t for t in terms if any(r.get(t) for r in train)]  # a term that is 0 throughout (no KL) says nothing
     out = {
         "bound": {"training bound": series(train, "bound"), "validation bound": series(val, "bound")},
         "terms": {name: series(train, name) for name in terms},

@@ -110,7 +110,8 @@ def _diagnostics(summary: Optional[dict], config) -> str:
     if test.get("elbo") is not None:
         rows.append(("test ELBO", format_number(test["elbo"], ".3f")))
     for field in test.get("trust", ()):
-        rows.append((f"trust: {TRUST_LABELS.get(field, field)}", format_number(test.get(field), ".4g")))
+        fmt = ".1%" if "frac" in field else ".4g"  # a share of the test points, as a percentage
+        rows.append((f"trust: {TRUST_LABELS.get(field, field)}", format_number(test.get(field), fmt)))
     for field in ("ess_mean", "khat_mean", "mc_stderr_mean", "accept_mean"):
         if test.get(field) is not None and field not in test.get("trust", ()):
             rows.append((field, format_number(test[field], ".4g")))

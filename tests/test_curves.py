@@ -48,3 +48,8 @@ def test_importing_the_module_does_not_import_matplotlib():
     code = "import sys, experiments.curves, experiments.report; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_a_term_that_is_zero_throughout_is_not_drawn(tmp_path):
+    records = [{"step": s, "split": "train", "bound": -30.0 + s, "recon": 30.0 - s, "kl": 0.0} for s in (1, 2)]
+    assert set(curves(records)["terms"]) == {"recon"}  # a fully observed model's "kl" says nothing

@@ -69,6 +69,7 @@ def test_the_report_has_one_section_per_run_and_inlines_every_image(runs, tmp_pa
     assert f"{summary['test']['nll']:.2f}" in text  # the summary table's test NLL
     assert "not finished" in text
     assert "share of test points with PSIS k-hat" in text  # IS declares k-hat as its trust figure
+    assert f"{summary['test']['khat_frac_above_0.7']:.1%}" in text
 
 
 def test_the_report_refuses_a_directory_that_is_not_a_run(tmp_path):
