@@ -7,9 +7,10 @@ part has one interface and one registry:
   (``elbo``, ``elbo-sf``, ``iwae`` in ``objectives``; ``elbo-enum`` in ``enum``; ``em``;
   ``renyi``, ``vimco``, ``stl``, ``dreg``, ``rws``, each in its own module);
 * guides: ``inference.guides.Guide``, registered in ``GUIDES`` (``amortized``, ``local``;
-  ``iaf``, ``planar``, ``radial`` in ``flow_guides``);
+  ``iaf``, ``planar``, ``radial`` in ``flow_guides``; ``auto-normal``, ``auto-lowrank-mvn``,
+  ``auto-iaf`` (Pyro's autoguides) in ``autoguides``);
 * estimators: ``inference.estimators.Estimator``, registered in ``ESTIMATORS``
-  (``exact``, ``naive``, ``is``; ``ais`` in ``ais``);
+  (``exact``, ``naive``, ``is``, ``nested``; ``ais`` in ``ais``);
 
 and one training loop (``Runner``) and one evaluation (``evaluate``) consume them.
 Importing this package registers every part.
@@ -18,6 +19,7 @@ Importing this package registers every part.
 # Each of these modules registers its parts; their order is the order `dgm list` shows.
 # isort: off
 from inference import objectives, enum, em, flow_guides, ais, renyi, vimco, stl, dreg, rws  # noqa: F401
+from inference import autoguides  # noqa: F401
 
 # isort: on
 from inference.config import EvalConfig, GuideConfig, ObjectiveConfig, TrainConfig

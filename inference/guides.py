@@ -93,6 +93,31 @@ class _Site:
     support: object
 
 
+def site_error(guide: str, name: str, fn, why: str, instead: str) -> DGMError:
+    """The one-line refusal of a guide that cannot handle a site: which site, which
+    distribution, why, and which guide to use instead."""
+    while isinstance(fn, (dist.Independent, dist.ExpandedDistribution, dist.MaskedDistribution)):
+        fn = fn.base_dist  # name the distribution itself, not its reshaping wrappers
+    return DGMError(f"the {guide} guide cannot handle site {name!r} ({type(fn).__name__}: {why}); use {instead}")
+
+
+def plain_support(support):
+    """``support`` as ``biject_to`` knows it: a mixture's (``MixtureSameFamily``) is its
+    components' support, which torch wraps in a constraint of its own."""
+    mixture = getattr(torch.distributions.constraints, "MixtureSameFamilyConstraint", None)
+    while mixture is not None and isinstance(support, mixture):
+        support = support.base_constraint
+    return support
+
+
+def _bijects(support, event: Tuple[int, ...]) -> bool:
+    """Whether ``biject_to(support)`` exists and keeps the event shape."""
+    try:
+        return tuple(biject_to(support).inverse_shape(event)) == event
+    except NotImplementedError:
+        return False
+
+
 def _latent_sites(model: GenerativeModel, x: Tensor) -> Dict[str, _Site]:
     n = x.shape[0]
     with poutine.block(), torch.no_grad():
@@ -104,11 +129,11 @@ def _latent_sites(model: GenerativeModel, x: Tensor) -> Dict[str, _Site]:
         fn = site["fn"]
         frames = [f for f in site["cond_indep_stack"] if f.name == DATA_PLATE]
         if not frames:
-            raise DGMError(f"latent site {name!r} is outside the data plate; a local guide needs it inside")
+            raise site_error("local", name, fn, "a global latent outside the 'data' plate", "--guide amortized")
         batch = tuple(fn.batch_shape)
         extra = batch[len(batch) + frames[0].dim + 1 :]
         event = tuple(fn.event_shape)
-        support = fn.support
+        support = plain_support(fn.support)
         base = support.base_constraint if isinstance(support, constraints.independent) else support
         if base is constraints.real:
             kind, shape = "real", extra + event
@@ -116,10 +141,10 @@ def _latent_sites(model: GenerativeModel, x: Tensor) -> Dict[str, _Site]:
             kind, shape = "bernoulli", extra + event
         elif isinstance(base, constraints.integer_interval) and base.lower_bound == 0:
             kind, shape = "categorical", extra + event + (int(base.upper_bound) + 1,)
-        elif not support.is_discrete and tuple(biject_to(support).inverse_shape(event)) == event:
+        elif not support.is_discrete and _bijects(support, event):
             kind, shape = "constrained", extra + event
         else:
-            raise DGMError(f"local guide: unsupported support {support} at site {name!r}")
+            raise site_error("local", name, fn, f"support {support}", "--guide amortized (the model's own encoder)")
         sites[name] = _Site(name, kind, shape, len(event), support)
     if not sites:
         raise DGMError(f"{type(model).__name__} has no latent sites: it needs no guide")

@@ -19,6 +19,9 @@ that per-datapoint bounds (IWAE) are computed before scaling, which is where Pyr
 Model latent sites the guide does not sample are proposed from the prior, so their prior
 log-density cancels and does not enter ``log_w``. With ``guide=None`` every latent site is
 proposed from the prior: ``log_w`` is the log-likelihood (the naive Monte Carlo estimator).
+Auxiliary guide sites (``infer={"is_auxiliary": True}``: Pyro's autoguides draw an
+unconstrained value there and emit the model's site as a ``Delta`` carrying the Jacobian)
+enter ``log q`` only, as in Pyro's ELBOs.
 
 Global sites. A site outside the data plate (a shared scale, Bayesian decoder weights) has
 no datapoint to be attributed to: its ``log p - log q`` (its ``log p`` for an observed
@@ -123,14 +126,21 @@ class _ShareGlobals(Messenger):
             return
         fn, n = msg["fn"], -self.particle_dim
         batch = tuple(fn.batch_shape)
-        if len(batch) >= n:
+        every = 1  # keep every `every`-th particle's draw
+        if len(batch) < n:
+            fn = fn.expand((self.draws,) + (1,) * (n - 1 - len(batch)) + batch)
+        elif len(batch) == n and batch[0] in (1, self.draws):  # depends on shared draws already (a Delta)
+            fn = fn.expand((self.draws,) + batch[1:])
+        elif len(batch) == n and batch[0] == self.num_particles:
+            every = self.num_particles // self.draws
+        else:
             raise DGMError(
                 f"site {msg['name']!r} has {len(batch)} batch dims but the particle plate sits at "
                 f"dim {self.particle_dim}; raise the model's max_plate_nesting"
             )
-        shape = (self.draws,) + (1,) * (n - 1 - len(batch)) + batch
-        fn = fn.expand(shape)
         value = fn.rsample() if fn.has_rsample else fn.sample()
+        if every > 1:
+            value = value[::every]
         if self.detach:
             value = value.detach()
         if 1 < self.draws < self.num_particles:
@@ -265,9 +275,11 @@ def compute_log_weights(
     glob, glob_sf, glob_names = [], [], []
     has_sf = False
 
-    guide_sites = {}
+    guide_sites, aux_sites = {}, {}
     if guide_trace is not None:
-        guide_sites = {name: site for name, site in _sample_sites(guide_trace) if not site["is_observed"]}
+        for name, site in _sample_sites(guide_trace):
+            if not site["is_observed"]:
+                (aux_sites if site["infer"].get("is_auxiliary") else guide_sites)[name] = site
 
     for name, site in _sample_sites(model_trace):
         if _data_dim(site) is None:  # a global site: counted once, beside the per-datapoint terms
@@ -303,6 +315,23 @@ def compute_log_weights(
                 kl_free.append(lp - lq)
             else:
                 kls.append(_per_datapoint(site, site_kl, particle_dim, shape))
+
+    for name, g in aux_sites.items():  # auxiliary guide sites (an autoguide's unconstrained draws): in q only
+        sf = force_score_function or not g["fn"].has_rsample
+        has_sf = has_sf or sf
+        if _data_dim(g) is None:
+            glob_names.append(name)
+            lq = _global_term(g, g["fn"].log_prob(g["value"]), particle_dim, num_particles)
+            glob.append(-lq)
+            if sf:
+                glob_sf.append(lq)
+            continue
+        lq = _per_datapoint(g, g["fn"].log_prob(g["value"]), particle_dim, shape)
+        q.append(lq)
+        if sf:
+            q_sf.append(lq)
+        if analytic_kl:
+            kl_free.append(-lq)
 
     missing = set(guide_sites) - {n for n, _ in _sample_sites(model_trace)}
     if missing:

@@ -617,11 +617,13 @@ def fit_local_guide(
     config: Optional[TrainConfig] = None,
     epochs: int = 20,
     init_from=None,
+    guide: Union[str, Guide] = "local",
 ) -> Guide:
     """Fit per-datapoint variational parameters on ``x`` with the model frozen (the
     held-out evaluation of a local guide, and the best-q half of the amortization gap):
     ``epochs`` epochs of the ELBO with ``num_particles`` samples and the optimizer settings
-    of ``config`` (at its constant ``lr``: a schedule belongs to the training run)."""
+    of ``config`` (at its constant ``lr``: a schedule belongs to the training run).
+    ``guide``: the guide to fit (a fresh one built for ``x``), by default a local guide."""
     from inference.objectives import ELBO
 
     config = config or TrainConfig()
@@ -632,7 +634,7 @@ def fit_local_guide(
         cfg = replace(  # a fixed-length fit: the training run's schedule does not apply
             config, epochs=epochs, validate=False, max_steps=None, device=str(x.device), lr_schedule="constant"
         )
-        runner = Runner(model, _Fixed(x), ELBO(num_particles), guide="local", config=cfg)
+        runner = Runner(model, _Fixed(x), ELBO(num_particles), guide=guide, config=cfg)
         if init_from is not None:
             runner.guide.init_from(init_from, x)
         runner.fit()
