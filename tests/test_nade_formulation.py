@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from benchmarks.nade import ReferenceNADE, reference_copy
+from models.autoregressive import base as base_module
 from models.autoregressive import nade as nade_module
+from models.autoregressive.base import tied_preactivations
 from models.autoregressive.nade import NADE, NADEConfig, TiedSigmoidLayer
 from models.base import DataSpec
 
@@ -90,3 +92,29 @@ def test_hand_written_backward_passes_gradcheck(float64, monkeypatch, k, sequent
     torch.manual_seed(0)
     args = [torch.randn(shape, requires_grad=True) for shape in ((b, d, k), (d, k, h), (h,), (d, k, h), (d, k))]
     assert torch.autograd.gradcheck(TiedSigmoidLayer.apply, args)
+
+
+# --- the exclusive cumulative sum of RNADE (autoregressive.base.tied_preactivations) -----------------
+
+
+def reference_preactivations(contrib, c):
+    """``tied_preactivations`` as it was: ``cumsum`` and ``cat`` under autograd."""
+    before = torch.cumsum(contrib[:, :-1], dim=1)
+    return c + torch.cat([torch.zeros_like(contrib[:, :1]), before], dim=1)
+
+
+@pytest.mark.parametrize("sequential", [True, False], ids=["cpu-loop", "cumsum"])
+def test_tied_preactivations_equal_the_cumsum_formulation_with_gradients(float64, monkeypatch, sequential):
+    monkeypatch.setattr(base_module, "_sequential", lambda t: sequential)
+    torch.manual_seed(0)
+    contrib, c = torch.randn(4, 7, 5, requires_grad=True), torch.randn(5, requires_grad=True)
+    a = tied_preactivations(contrib, c)
+    a_ref = reference_preactivations(contrib, c)
+    torch.testing.assert_close(a, a_ref, rtol=0, atol=1e-12)
+    w = torch.randn(a.shape)
+    grads = torch.autograd.grad((a * w).sum(), (contrib, c))
+    grads_ref = torch.autograd.grad((a_ref * w).sum(), (contrib, c))
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-12)
+    assert (grads[0][:, -1] == 0).all()  # the last contribution feeds no hidden state
+    assert torch.autograd.gradcheck(tied_preactivations, (contrib, c))

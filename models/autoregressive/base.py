@@ -33,6 +33,7 @@ import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from models.base import DGMError, GenerativeModel
 
@@ -41,10 +42,50 @@ _SUPPORTS = {"binary": constraints.boolean, "real": constraints.real}
 
 def tied_preactivations(contrib: Tensor, c: Tensor) -> Tensor:
     """``a_i = c + sum_{j < i} contrib_j`` for every ``i``, from ``contrib [B, D, H]``
-    (``contrib_j = W_{:, j} e(x_j)``): the exclusive cumulative sum over the dimension axis
-    that gives NADE-style tied-weight models all hidden states in one pass."""
-    before = torch.cumsum(contrib[:, :-1], dim=1)
-    return c + torch.cat([torch.zeros_like(contrib[:, :1]), before], dim=1)
+    (``contrib_j = W_{:, j} e(x_j)``) and ``c [H]``: the exclusive cumulative sum over the
+    dimension axis that gives NADE-style tied-weight models all hidden states in one pass
+    (RNADE's; NADE fuses it with its sigmoid and read-out, ``nade.TiedSigmoidLayer``).
+    One ``[B, D, H]`` tensor forward and one backward, where ``cumsum`` + ``cat`` under
+    autograd made about seven (a flip, zero-filled slice gradients)."""
+    return _TiedPreactivations.apply(contrib, c)
+
+
+def _sequential(t: Tensor) -> bool:
+    """Running sums as a loop over ``[B, H]`` slices (CPU) or as ``cumsum`` kernels (elsewhere)."""
+    return t.device.type == "cpu"
+
+
+def _scan_(t: Tensor, reverse: bool = False) -> Tensor:
+    """In place along axis 1: ``t[:, i] <- sum_{j <= i} t[:, j]`` (``reverse``: ``j >= i``). On a
+    CPU a loop over the ``[B, H]`` slices (each add stays in cache; faster than ``cumsum`` along
+    a middle axis), elsewhere ``cumsum``."""
+    if _sequential(t):
+        steps = range(t.shape[1] - 2, -1, -1) if reverse else range(1, t.shape[1])
+        for i in steps:
+            t[:, i] += t[:, i + 1] if reverse else t[:, i - 1]
+        return t
+    return t.copy_(t.flip(1).cumsum(1).flip(1)) if reverse else t.cumsum_(1)
+
+
+class _TiedPreactivations(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, contrib: Tensor, c: Tensor) -> Tensor:
+        ctx.c_shape = c.shape
+        a = torch.empty_like(contrib, memory_format=torch.contiguous_format)
+        a[:, 0] = c
+        a[:, 1:] = contrib[:, :-1]
+        return _scan_(a)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        # d/dcontrib_j = sum_{i > j} grad_i: a reverse inclusive scan shifted by one position
+        g_contrib = torch.empty_like(grad, memory_format=torch.contiguous_format)
+        g_contrib[:, :-1] = grad[:, 1:]
+        g_contrib[:, -1] = 0
+        _scan_(g_contrib, reverse=True)
+        g_c = (g_contrib[:, 0] + grad[:, 0]).sum_to_size(ctx.c_shape) if ctx.needs_input_grad[1] else None
+        return g_contrib, g_c
 
 
 class AutoregressiveDistribution(dist.TorchDistribution):
