@@ -33,9 +33,12 @@ time and bytes allocated at most a third of the reference's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
+import os
 import resource
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
@@ -167,9 +170,24 @@ def bytes_allocated(step: Callable[[], None]) -> int:
     """Bytes allocated by one ``step()``: the sum of each operator's positive self allocation
     under ``torch.profiler`` (``profile_memory=True``)."""
     gc.collect()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     return sum(max(e.self_cpu_memory_usage, 0) for e in prof.events())
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence file descriptor 2 (the profiler's start/stop lines and allocator warnings come
+    from C++, past ``sys.stderr``)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 class _Faults:
