@@ -19,7 +19,9 @@ per datapoint (validation, diagnostics), so :class:`EnumELBO` evaluates the same
 expectation (Pyro's ``Dice.compute_expectation``) but contracts every cost onto the
 ``"data"`` plate's dimension instead of summing it: the total is Pyro's loss (up to
 rounding; tested) and each entry is one datapoint's bound. Minibatch scaling is that of
-the data plate's ``subsample``: the loss is ``-(N / B) sum_b bound_b``.
+the data plate's ``subsample``: the loss is ``-(N / B) sum_b bound_b``. Costs that do not
+depend on the data plate (sites outside it: global latents) are summed apart and counted
+once per step, as ``TraceEnum_ELBO`` does: the loss is ``-[(N / B) sum_b bound_b + global]``.
 
 References: F. Obermeyer, E. Bingham, M. Jankowiak, J. Chiu, N. Pradhan, A. Rush and
 N. Goodman, "Tensor variable elimination for plated factor graphs", ICML 2019;
@@ -45,7 +47,7 @@ from torch import Tensor
 from inference.config import ObjectiveConfig
 from inference.logweights import data_frame
 from inference.objective import OBJECTIVES, Objective, Terms, check_particles, guess_plates
-from models.base import DATA_PLATE, DataSpec, DGMError
+from models.base import DATA_PLATE, DataSpec
 
 __all__ = ["EnumELBO"]
 
@@ -57,11 +59,12 @@ def _empty_guide(*args, **kwargs) -> None:
 class _PerDatapointDice(Dice):
     """Pyro's DiCE expectation with the final reduction kept per datapoint."""
 
-    def expectation_per(self, costs: dict, symbol: str, size: int) -> Tensor:
+    def expectation_per(self, costs: dict, symbol: str, size: int) -> Tuple[Tensor, Tensor]:
         """``sum`` of the expected costs over every dimension but ``symbol`` (the data
-        plate's), ``[size]``. Follows ``Dice.compute_expectation`` line for line up to the
-        last contraction."""
-        total = 0.0
+        plate's), ``[size]``, and the sum of the costs that do not depend on it (sites
+        outside the data plate: global latents), a scalar. Follows
+        ``Dice.compute_expectation`` line for line up to the last contraction."""
+        total, global_total = 0.0, 0.0
         with shared_intermediates() as cache:
             ring = MarginalRing(cache=cache)
             for ordinal, cost_terms in costs.items():
@@ -92,26 +95,29 @@ class _PerDatapointDice(Dice):
                     cost, prob = packed.broadcast_all(cost, prob)
                     # 0 * log 0 = 0: a configuration of probability zero costs nothing
                     term = prob * torch.where(prob > 0, cost, torch.zeros_like(cost))
-                    total = total + scale * _onto(term, cost._pyro_dims, symbol, size)
-        return total
+                    local = _onto(term, cost._pyro_dims, symbol, size)
+                    if local is None:
+                        global_total = global_total + scale * term.sum()
+                    else:
+                        total = total + scale * local
+        return total, global_total
 
 
-def _onto(term: Tensor, dims: str, symbol: str, size: int) -> Tensor:
-    """Sum ``term`` over every packed dimension except ``symbol``: ``[size]``."""
+def _onto(term: Tensor, dims: str, symbol: str, size: int) -> Optional[Tensor]:
+    """Sum ``term`` over every packed dimension except ``symbol``: ``[size]``; ``None`` for
+    a term that does not depend on the data plate (a global site's)."""
     if symbol in dims:
         other = [i for i, d in enumerate(dims) if d != symbol]
         return term.sum(dim=other) if other else term  # (sum(dim=[]) would sum everything)
-    if size == 1:  # packing drops dims of size 1
+    if size == 1:  # packing drops dims of size 1: the lone datapoint takes it (each with its own scale)
         return term.sum().reshape(1)
-    raise DGMError(
-        f"a cost term does not depend on the {DATA_PLATE!r} plate; per-datapoint bounds need every latent "
-        f"and observed site inside model.data_plate(...)"
-    )
+    return None
 
 
-def _per_datapoint_dice_elbo(model_trace, guide_trace) -> Tuple[Tensor, float]:
-    """``(elbo [B], scale)``: Pyro's ``_compute_dice_elbo`` kept per datapoint of the data
-    plate; each entry carries the plate's subsample scale ``N / B``, also returned."""
+def _per_datapoint_dice_elbo(model_trace, guide_trace) -> Tuple[Tensor, Tensor, float]:
+    """``(elbo [B], global, scale)``: Pyro's ``_compute_dice_elbo`` kept per datapoint of the
+    data plate (each entry carries the plate's subsample scale ``N / B``, also returned),
+    and the terms of the sites outside it, counted once."""
     marginal_costs, log_factors, ordering, sum_dims, scale = _compute_model_factors(model_trace, guide_trace)
     if log_factors:
         dim_to_size = {}
@@ -129,8 +135,8 @@ def _per_datapoint_dice_elbo(model_trace, guide_trace) -> Tuple[Tensor, float]:
             costs.setdefault(ordering[name], []).append(packed.neg(site["packed"]["log_prob"]))
     frame = data_frame(model_trace)
     symbol = model_trace.plate_to_symbol[DATA_PLATE]
-    elbo = _PerDatapointDice(guide_trace, ordering).expectation_per(costs, symbol, frame.size)
-    return elbo, (frame.full_size or frame.size) / frame.size
+    elbo, global_elbo = _PerDatapointDice(guide_trace, ordering).expectation_per(costs, symbol, frame.size)
+    return elbo, global_elbo, (frame.full_size or frame.size) / frame.size
 
 
 class EnumELBO(Objective, pyro.infer.TraceEnum_ELBO):
@@ -157,20 +163,32 @@ class EnumELBO(Objective, pyro.infer.TraceEnum_ELBO):
     def per_datapoint(self, model, guide, *args, **kwargs) -> Tuple[Tensor, float]:
         """``(bound [B], scale)``: the enumerated ELBO of each datapoint (averaged over
         particles) and the minibatch scale ``N / B``."""
+        bound, _, scale = self.terms(model, guide, *args, **kwargs)
+        return bound, scale
+
+    def terms(self, model, guide, *args, **kwargs) -> Tuple[Tensor, Tensor, float]:
+        """``(bound [B], global, scale)``: :meth:`per_datapoint` and the term of the sites
+        outside the data plate (global latents), counted once per step as in Pyro's
+        ``TraceEnum_ELBO``; 0 without any."""
         guide = guide if guide is not None else _empty_guide
         if self.max_plate_nesting == float("inf"):
             self.max_plate_nesting = guess_plates(model, guide, args, kwargs) + (self.num_particles > 1)
-        values, scale = [], 1.0
+        values, globals_, scale = [], [], 1.0
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-            elbo, scale = _per_datapoint_dice_elbo(model_trace, guide_trace)
+            elbo, global_elbo, scale = _per_datapoint_dice_elbo(model_trace, guide_trace)
             values.append(elbo)
+            globals_.append(global_elbo)
         total = values[0] if len(values) == 1 else torch.stack(values).sum(0)
-        return total / (scale * self.num_particles), scale
+        return total / (scale * self.num_particles), sum(globals_) / self.num_particles, scale
 
     def loss_terms(self, model, guide, *args, train: bool = True, **kwargs) -> Tuple[Tensor, Terms]:
-        """Differentiable loss ``-(N / B) sum_b bound_b`` and the detached mean bound."""
-        bound, scale = self.per_datapoint(model, guide, *args, **kwargs)
-        return -scale * bound.sum(), {"bound": bound.detach().mean()}
+        """Differentiable loss ``-[(N / B) sum_b bound_b + global]`` and the detached mean
+        bound (plus ``global / N``, the global term's share per datapoint)."""
+        bound, global_elbo, scale = self.terms(model, guide, *args, **kwargs)
+        mean = bound.detach().mean()
+        if isinstance(global_elbo, Tensor):
+            mean = mean + global_elbo.detach() / (scale * bound.shape[-1])
+        return -(scale * bound.sum() + global_elbo), {"bound": mean}
 
     def bound(self, model, guide, *args, **kwargs) -> Tensor:
         """The per-datapoint bound ``[B]`` without gradients (for evaluation)."""
