@@ -25,11 +25,12 @@ import json
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
 from experiments.config import add_flags, config_from_args, read_config
-from models.base import DGMError
+from models.base import DGMError, DGMWarning
 
 DEFAULT_RUNS = Path("runs")
 
@@ -64,6 +65,16 @@ def _check_writable(path: Optional[Path], flag: str = "--out") -> None:
         raise DGMError(f"{flag} {path}: the folder {folder} does not exist or is not writable; choose another path")
 
 
+class _DatasetChoices(list):
+    """The registered datasets' names, which also admit a data file (``--data path.npz``;
+    ``experiments.data.user`` reads it or says what is wrong with it)."""
+
+    def __contains__(self, value) -> bool:
+        from experiments.data import is_data_file
+
+        return list.__contains__(self, value) or (isinstance(value, str) and is_data_file(value))
+
+
 def _registry_choices() -> dict:
     """The flags whose values a registry lists."""
     from experiments.data import DATASETS
@@ -72,7 +83,7 @@ def _registry_choices() -> dict:
 
     return {
         "model": MODELS.names(),
-        "data": DATASETS.names(),
+        "data": _DatasetChoices(DATASETS.names()),
         "objective": OBJECTIVES.names(),
         "guide": GUIDES.names(),
         "eval_estimator": ["auto"] + ESTIMATORS.names(),
@@ -80,7 +91,12 @@ def _registry_choices() -> dict:
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", nargs="?", default=None, help="model name (see `dgm list`); optional with --config")
+    p.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="model name (see `dgm list`) or path/to/file.py:ClassName (a GenerativeModel); optional with --config",
+    )
     p.add_argument("--config", type=Path, default=None, help="start from a run's config.json (flags change it)")
     add_flags(p, choices=_registry_choices())
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -179,7 +195,8 @@ def cmd_list(a) -> None:
             (entry.name, entry.description + (f" (presets: {', '.join(sorted(presets))})" if presets else ""))
         )
     _print_table("models", models)
-    _print_table("datasets", DATASETS.describe())
+    own = ("FILE.npy|.npz|.csv", "your own data (--data-spec binary|categorical:K|real; see experiments.data.user)")
+    _print_table("datasets", DATASETS.describe() + [own])
     _print_table("objectives (--objective)", OBJECTIVES.describe())
     _print_table("guides (--guide)", GUIDES.describe())
     estimators = []
@@ -311,7 +328,9 @@ def _score_data(run: Path, name: Optional[str], split: str):
         from experiments.anomaly import ood_set
 
         return ood_set(name[4:], load_data(config.data, config.train.seed).test)
-    own = replace(config.data, name=name or config.data.name, labelled=None)
+    own = replace(config.data, labelled=None)
+    if name is not None:  # another dataset or file: none of the run's own file's record applies
+        own = replace(own, name=name, spec=None, sha256=None)
     return getattr(load_data(own, config.train.seed), split)
 
 
@@ -430,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data",
         default=None,
-        help="dataset name (default: the run's), or ood:noise|ood:inverted|ood:rotated|ood:digits-upsampled",
+        help="dataset or data file (default: the run's), or ood:noise|ood:inverted|ood:rotated|ood:digits-upsampled",
     )
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--estimator", default="auto", choices=_registry_choices()["eval_estimator"])
@@ -498,8 +517,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning) -> None:
+    """``dgm: warning: ...`` for the warnings a user can act on; others as Python shows them."""
+    if issubclass(category, DGMWarning):
+        print(f"dgm: warning: {message}", file=sys.stderr)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.showwarning = _show_warning
     try:
         args.fn(args)
     except DGMError as e:

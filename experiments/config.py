@@ -42,11 +42,14 @@ from models.base import DGMError
 
 @dataclass
 class ModelConfig:
-    name: str = setting("vae", "model name (see `dgm list`)", flag="model")
+    name: str = setting("vae", "model name (see `dgm list`) or path/to/file.py:ClassName", flag="model")
     preset: Optional[str] = setting(None, "named model configuration (see `dgm list`)")
     options: Dict[str, Any] = field(
         default_factory=dict,
         metadata={"help": "override one model option, e.g. --opt latent_dim=20 (repeatable)", "flag": "opt"},
+    )
+    sha256: Optional[str] = setting(
+        None, "SHA-256 of a model file, recorded when the run starts", flag="model_sha256", cli=False, display=True
     )
 
     def check(self) -> None:
@@ -55,10 +58,16 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = setting("mnist-embedded", "dataset name (see `dgm list`)", flag="data")
+    name: str = setting("mnist-embedded", "dataset name (see `dgm list`) or a .npy/.npz/.csv file", flag="data")
     binarization: str = setting("dynamic", "binarization of MNIST", choices=("dynamic", "static", "none"))
     split: str = setting("59600/400", "train/validation split of MNIST", choices=("59600/400", "50000/10000"))
     labelled: Optional[int] = setting(None, "semi-supervised (m2): keep N training labels, class-balanced")
+    spec: Optional[str] = setting(
+        None, "support of a data file (--data FILE): binary, categorical:K or real (default inferred)", flag="data_spec"
+    )
+    sha256: Optional[str] = setting(
+        None, "SHA-256 of a data file, recorded when the run starts", flag="data_sha256", cli=False, display=True
+    )
 
     def check(self) -> None:
         require(self.labelled is None or self.labelled >= 1, f"--labelled must be >= 1, got {self.labelled}")
@@ -128,9 +137,11 @@ class RunConfig:
         return RunConfig(**{name: replace(getattr(self, name), **sections[name]) for name in SECTIONS})
 
     def describe(self) -> str:
-        """``model[preset] on data``."""
+        """``model[preset] on data`` (a file model by its class name, a data file by its name)."""
+        from models.loading import model_label
+
         preset = f"[{self.model.preset}]" if self.model.preset else ""
-        return f"{self.model.name}{preset} on {self.data.name}"
+        return f"{model_label(self.model.name)}{preset} on {Path(self.data.name).name}"
 
 
 def _flag_names() -> Dict[str, Tuple[str, str]]:
@@ -247,7 +258,7 @@ def add_flags(parser: argparse.ArgumentParser, sections=tuple(SECTIONS), choices
                 parser.add_argument(
                     f"--{flat.replace('_', '-')}",
                     type=_value_type(hints[f.name]),
-                    choices=list(allowed) if allowed else None,
+                    choices=allowed if isinstance(allowed, list) else list(allowed) if allowed else None,
                     **kwargs,
                 )
 

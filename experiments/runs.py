@@ -31,6 +31,7 @@ import torch
 from experiments import data as datasets
 from experiments.config import DataConfig, ModelConfig, RunConfig, defining, differences, read_config
 from experiments.curves import save_curves
+from experiments.data import user as user_data
 from experiments.labels import keep_labels
 from experiments.run_names import fully_observed
 from inference.config import EvalConfig, from_dict
@@ -40,14 +41,15 @@ from inference.guides import Guide, build_guide
 from inference.objective import make_objective
 from inference.runner import BEST, CHECKPOINT, FINAL, Runner, free_memory, load_state, load_weights
 from models.base import DataSpec, DGMError, GenerativeModel
-from models.registry import MODELS
+from models.loading import canonical_reference, model_label, resolve_model, warn_if_changed
 
 PathLike = Union[str, Path]
 
 
 def build_model(config: ModelConfig, data_spec: DataSpec) -> GenerativeModel:
-    """The model ``config`` names, with its preset and options, for data of ``data_spec``."""
-    cls = MODELS[config.name]
+    """The model ``config`` names (a registered name or ``path/to/file.py:ClassName``, see
+    ``models.loading``), with its preset and options, for data of ``data_spec``."""
+    cls = resolve_model(config.name)
     model_config = None
     if cls.config_class is not None:
         if config.preset is not None and config.preset not in cls.presets:
@@ -57,14 +59,26 @@ def build_model(config: ModelConfig, data_spec: DataSpec) -> GenerativeModel:
         for key in config.options:
             if key not in valid:
                 raise DGMError(f"{config.name} has no option {key!r}; options: {', '.join(valid)}")
-        model_config = replace(model_config, **config.options)
+        options = {key: _as_field(getattr(model_config, key), value) for key, value in config.options.items()}
+        model_config = replace(model_config, **options)
     elif config.options or config.preset:
         raise DGMError(f"{config.name} takes no options or presets")
     _check_model_size(cls, data_spec, model_config, config)
     try:
-        return cls(data_spec, model_config)
+        return _construct(cls, data_spec, model_config)
     except (TypeError, ValueError, ZeroDivisionError) as e:  # options of the wrong type or range
         raise DGMError(f"{config.name} cannot be built with options {config.options}: {e}") from None
+
+
+def _as_field(default, value):
+    """An option read back from JSON in the type of its field: a list as a tuple where the
+    field holds a tuple (JSON has no tuples)."""
+    return tuple(value) if isinstance(default, tuple) and isinstance(value, list) else value
+
+
+def _construct(cls, data_spec: DataSpec, model_config) -> GenerativeModel:
+    """``cls(data_spec)``, or ``cls(data_spec, model_config)`` for a model with a ``config_class``."""
+    return cls(data_spec) if cls.config_class is None else cls(data_spec, model_config)
 
 
 def _check_model_size(cls, data_spec: DataSpec, model_config, config: ModelConfig) -> None:
@@ -73,7 +87,7 @@ def _check_model_size(cls, data_spec: DataSpec, model_config, config: ModelConfi
     ``meta`` device, which allocates nothing (and with the random state restored after it)."""
     try:
         with torch.random.fork_rng(devices=[]), torch.device("meta"):  # the probe draws no one's numbers
-            probe = cls(data_spec, model_config)
+            probe = _construct(cls, data_spec, model_config)
     except Exception:  # options of the wrong type or range: the real build says what is wrong
         return
     values = sum(t.numel() for t in probe.parameters()) * 4 + sum(t.numel() for t in probe.buffers())
@@ -86,12 +100,28 @@ def _check_model_size(cls, data_spec: DataSpec, model_config, config: ModelConfi
 
 
 def load_data(config: DataConfig, seed: int):
-    """The dataset of a run (with its label budget applied)."""
-    data = datasets.load(config.name, binarization=config.binarization, split=config.split, seed=seed)
+    """The dataset of a run (with its label budget applied); a data file that changed since
+    the run recorded its SHA-256 is loaded with a warning."""
+    data = datasets.load(config.name, binarization=config.binarization, split=config.split, seed=seed, spec=config.spec)
+    if config.sha256 is not None:
+        user_data.warn_if_changed(config.name, config.sha256, "the run's config.json")
     if config.labelled is not None:
         kept = keep_labels(data.train_labels, config.labelled, seed=seed)
-        data = replace(data, train_labels=kept, info={**data.info, "labelled": config.labelled})
+        source = {**data.source, "labelled": config.labelled}
+        data = replace(data, train_labels=kept, info={**data.info, "labelled": config.labelled}, source=source)
     return data
+
+
+def with_sources(config: RunConfig) -> RunConfig:
+    """``config`` with a model file and a data file named by their absolute paths and
+    recorded with their SHA-256 (what ``config.json`` holds); registered names unchanged."""
+    name, sha = canonical_reference(config.model.name)
+    model = replace(config.model, name=name, sha256=sha)
+    data = config.data
+    if config.data.name not in datasets.DATASETS and user_data.is_data_file(config.data.name):
+        path = user_data.resolve_file(config.data.name)
+        data = replace(config.data, name=str(path), sha256=user_data.file_sha256(path))
+    return replace(config, model=model, data=data)
 
 
 def build(config: RunConfig, run_dir: Optional[Path] = None, data=None) -> Tuple[Runner, Any]:
@@ -141,6 +171,7 @@ def _as_json(config: RunConfig) -> dict:
 def train_run(config: RunConfig, run_dir: PathLike) -> dict:
     """Train (or resume) the run in ``run_dir``, evaluate it and write ``summary.json``."""
     run_dir = Path(run_dir)
+    config = with_sources(config)
     config_path = run_dir / "config.json"
     if config_path.exists():
         old = defining(_as_json(read_config(config_path)))
@@ -159,7 +190,7 @@ def train_run(config: RunConfig, run_dir: PathLike) -> dict:
     t0 = time.time()
     progress = runner.fit()
     summary = {
-        "model": config.model.name,
+        "model": model_label(config.model.name),
         "preset": config.model.preset,
         "data": data.describe(),
         **_fit_labels(config, runner),
@@ -297,6 +328,7 @@ def load_run(run_dir: PathLike, device: Optional[str] = None) -> Run:
     config = read_config(run_dir / "config.json")
     target = resolve_device(device or config.train.device)
     spec, num_train = _data_spec(run_dir, config)
+    warn_if_changed(config.model.name, config.model.sha256, f"{run_dir / 'config.json'}")
     torch.manual_seed(config.train.seed)
     model = build_model(config.model, spec)
     placeholder = spec.placeholder(num_train)  # guides are sized on the data's shape alone

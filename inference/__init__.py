@@ -13,6 +13,7 @@ part has one interface and one registry:
   (``exact``, ``naive``, ``is``, ``nested``; ``ais`` in ``ais``);
 
 and one training loop (``Runner``) and one evaluation (``evaluate``) consume them.
+``set_seed(seed)`` before building a model makes a Python run reproducible.
 Importing this package registers every part.
 """
 
@@ -30,6 +31,7 @@ from inference.logweights import LogWeights, compute_log_weights
 from inference.objective import OBJECTIVES, Objective, make_objective
 from inference.objectives import ELBO, IWAE, ScoreFunctionELBO
 from inference.runner import Runner, fit_local_guide
+from inference.seeding import set_seed
 
 __all__ = [
     "compute_log_weights",
@@ -57,4 +59,5 @@ __all__ = [
     "Runner",
     "TrainConfig",
     "fit_local_guide",
+    "set_seed",
 ]

@@ -54,6 +54,7 @@ class Guide(nn.Module):
 
     refit_on_new_data: ClassVar[bool] = False
     is_model_guide: ClassVar[bool] = False
+    config: Optional[GuideConfig] = None  # what it was built from (build_guide records it)
 
     def describe(self) -> str:
         """The guide as a run summary names it."""
@@ -241,4 +242,6 @@ def build_guide(config: Union[GuideConfig, str], model: GenerativeModel, data: T
             f"{type(model).__name__} takes class labels and only its own (amortized) guide receives them; "
             f"use --guide amortized instead of {config.name}"
         )
-    return factory(config, model, data)
+    guide = factory(config, model, data)
+    guide.config = config  # a run directory records it
+    return guide

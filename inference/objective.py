@@ -53,6 +53,7 @@ class Objective:
     supports_schedule: ClassVar[bool] = True
     supports_free_bits: ClassVar[bool] = False
     num_particles: int = 1
+    config: Optional[ObjectiveConfig] = None  # what it was built from (make_objective records it)
 
     # --- what the runner calls ---------------------------------------------------------
     def check(self, model: GenerativeModel) -> None:
@@ -138,7 +139,9 @@ def make_objective(config: ObjectiveConfig, data_spec: Optional[DataSpec] = None
     schedule = make_schedule(config.kl_warmup, config.kl_beta0, config.free_bits, config.free_bits_per)
     if schedule is not None and not objective.supports_schedule:
         raise ConfigError(f"KL annealing and free bits are not available with {config.name}; use elbo or iwae")
-    return objective.set_schedule(schedule) if schedule is not None else objective
+    objective = objective.set_schedule(schedule) if schedule is not None else objective
+    objective.config = config  # a run directory records it
+    return objective
 
 
 def guess_plates(model, guide, args, kwargs) -> int:

@@ -37,12 +37,13 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from inference.config import EvalConfig, GuideConfig, TrainConfig
+from inference.config import EvalConfig, GuideConfig, ObjectiveConfig, TrainConfig
 from inference.device import eval_mode, resolve_device
 from inference.evaluation import evaluate
 from inference.guides import Guide, build_guide
 from inference.lr_schedules import learning_rate
-from inference.objective import Objective
+from inference.objective import Objective, make_objective
+from inference.rundir import CONFIG, run_record, write_run_record
 from models.base import DGMError, GenerativeModel
 
 __all__ = ["Runner", "TrainConfig", "EvalConfig", "fit_local_guide", "load_state", "CHECKPOINT", "BEST", "FINAL"]
@@ -64,6 +65,7 @@ class DataSource(Protocol):
     val: Optional[Tensor]
     test: Optional[Tensor]
     dynamic: bool
+    source: Optional[dict]  # how to load it again (``experiments.data.load`` sets it); None: it cannot be
 
     def train_epoch(self, generator: torch.Generator) -> Tensor: ...
 
@@ -197,16 +199,28 @@ def run_lock(run_dir: Optional[Path]):
 class Runner:
     """Fits ``model`` (with the chosen guide) to ``data`` by minimising ``objective``.
 
-    ``guide`` is a :class:`~inference.guides.Guide`, or the name of a registered one
-    (built with ``guide_options``, the fields of ``GuideConfig``). ``evaluation`` sets the
-    held-out evaluation of :meth:`evaluate` (and the validation batch size).
+    ``objective`` is an :class:`~inference.objective.Objective` or the
+    :class:`~inference.config.ObjectiveConfig` to build one from. ``guide`` is a
+    :class:`~inference.guides.Guide`, or the name of a registered one (built with
+    ``guide_options``, the fields of ``GuideConfig``). ``evaluation`` sets the held-out
+    evaluation of :meth:`evaluate` (and the validation batch size).
+
+    ``run_dir``: checkpoints, metrics and weights go there, and :meth:`fit` writes the same
+    ``config.json`` and ``data.json`` as ``dgm train`` where they are missing
+    (``inference.rundir``), so ``dgm eval`` / ``sample`` / ``score`` and
+    ``experiments.runs.load_run`` accept the directory. That asks the model class to be
+    importable again (a registered model, or a class at the top level of a ``.py`` file) and
+    the data to come from ``experiments.data.load`` with ``seed=config.seed``.
+
+    Reproducibility: ``config.seed`` seeds training; seed the model's construction too, with
+    ``inference.set_seed(seed)`` before building it.
     """
 
     def __init__(
         self,
         model: GenerativeModel,
         data: DataSource,
-        objective: Objective,
+        objective: Union[Objective, ObjectiveConfig],
         guide: Union[str, Guide] = "amortized",
         config: Optional[TrainConfig] = None,
         run_dir: Optional[Path] = None,
@@ -229,6 +243,8 @@ class Runner:
                     f"{split} data",
                 )
         self.labels = self._labels(model, data) if model.uses_labels else None
+        if isinstance(objective, ObjectiveConfig):
+            objective = make_objective(objective, model.data_spec)
         objective.check(model)
         self.objective = objective
         if isinstance(guide, str):
@@ -249,6 +265,9 @@ class Runner:
         if self.config.grad_clip:  # every optimizer.step(), whichever objective calls it, sees clipped gradients
             self.optimizer.register_step_pre_hook(self._clip_gradients)
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        self._record = None  # config.json and data.json, written by fit() where missing
+        if self.run_dir is not None and not (self.run_dir / CONFIG).exists():
+            self._record = run_record(model, data, objective, self.guide, self.config, self.evaluation)
         if self.run_dir is not None:
             try:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -384,6 +403,8 @@ class Runner:
         the learning rate lowered, logged as a ``rollback`` record in ``metrics.jsonl``; after
         ``MAX_ROLLBACKS`` of them training stops with a one-line error."""
         with run_lock(self.run_dir):
+            if self._record is not None:
+                write_run_record(self.run_dir, self._record)
             while True:
                 try:
                     return self._fit()
@@ -649,6 +670,7 @@ class _Fixed:
 
     name = "the held-out data"
     dynamic = False
+    source = None
 
     def __init__(self, x: Tensor):
         self.train, self.val, self.test = x, None, None

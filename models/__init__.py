@@ -3,7 +3,9 @@
 ``MODELS`` (``models.registry``) maps the names the ``dgm`` command accepts to model classes;
 each model file registers its class with ``@register_model``, and importing this package
 imports them all. Each class has a ``config_class`` (a dataclass of its hyperparameters) and
-``presets`` (named configs).
+``presets`` (named configs). Installed packages add models through the entry-point group
+``pyro_dgm.models``; ``resolve_model`` also takes ``path/to/file.py:ClassName``
+(``models.loading``).
 """
 
 from models.autoregressive.charrnn import CharRNN, CharRNNConfig
@@ -28,11 +30,15 @@ from models.latent.sbn import SBN, SBNConfig
 from models.latent.vae import VAE, VAEConfig
 from models.latent.vae2 import VAE2, VAE2Config
 from models.latent.vqvae import VQVAE, VQVAEConfig
+from models.loading import load_plugins, resolve_model  # noqa: E402
 from models.registry import MODELS, register_model  # noqa: E402  (filled by the imports above)
+
+load_plugins()  # the models installed packages declare (entry-point group pyro_dgm.models)
 
 __all__ = [
     "MODELS",
     "register_model",
+    "resolve_model",
     "ARVAE",
     "BayesVAE",
     "BayesVAEConfig",

@@ -44,6 +44,13 @@ Objectives. A model that only some objectives train correctly lists them in ``ob
 (VQ-VAE: ``elbo`` and ``iwae``, which keep its straight-through gradient and collect its
 commitment loss); ``dgm`` refuses the others with a one-line error. ``None``: any objective.
 
+Construction. A model is built as ``cls(data_spec)``, or as ``cls(data_spec, config)`` when
+it declares a ``config_class`` (a dataclass of its hyperparameters, kept as ``self.config``);
+``construction_options()`` says how to build it again, so a run directory (written by the
+CLI or by ``Runner(..., run_dir=...)``) can rebuild any model defined at the top level of a
+file (``models.loading``). Seed before building a model to make a run reproducible:
+``inference.set_seed(seed)``.
+
 Models hold no training code. Their parameters are plain ``nn.Module`` parameters: the
 runner optimises ``module.parameters()`` directly, and ``svi_pair()`` wraps the pair
 for ``pyro.infer.SVI``, which finds parameters through Pyro's param store.
@@ -68,6 +75,11 @@ DATA_PLATE = "data"
 
 class DGMError(Exception):
     """An error a user can act on: the message says what is wrong and how to fix it."""
+
+
+class DGMWarning(UserWarning):
+    """Something a user should know that does not stop the work (``dgm`` prints it as
+    ``dgm: warning: ...``): a model or data file changed since a run recorded it."""
 
 
 class DataError(DGMError, ValueError):
@@ -260,6 +272,18 @@ class GenerativeModel(nn.Module):
                 f"{what} is {x.dtype} but {type(self).__name__}'s parameters are {self.dtype}; "
                 f"convert one of them (x.to({self.dtype}) or model.to({x.dtype}))"
             )
+
+    def construction_options(self) -> Dict[str, object]:
+        """The options that rebuild this model with the same architecture (what a run
+        directory records): the fields of ``self.config`` that differ from a default
+        ``config_class()`` (a model with a ``config_class`` keeps its config as
+        ``self.config``); ``{}`` for a model without one, which is rebuilt as
+        ``cls(data_spec)``."""
+        if self.config_class is None:
+            return {}
+        config, default = self.config, self.config_class()
+        names = [f for f in default.__dataclass_fields__]
+        return {n: getattr(config, n) for n in names if getattr(config, n) != getattr(default, n)}
 
     def report(self, x: Tensor, labels: Optional[Tensor] = None) -> Dict[str, float]:
         """Metrics of this kind of model on the test data ``x`` (with its ``labels`` where the

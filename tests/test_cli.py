@@ -38,7 +38,7 @@ def test_registries_are_the_cli_choices_and_what_dgm_list_shows(capsys):
     choices = {a.dest: a.choices for a in train._actions}
     assert choices["objective"] == OBJECTIVES.names() and choices["guide"] == GUIDES.names()
     assert choices["data"] == DATASETS.names() and choices["eval_estimator"] == ["auto"] + ESTIMATORS.names()
-    assert set(FLAT) - {"model"} <= set(choices) | {"validate", "progress"}
+    assert set(FLAT) - {"model"} <= set(choices) | {"validate", "progress", "model_sha256", "data_sha256"}
 
 
 def test_every_flag_maps_to_one_config_field():

@@ -20,7 +20,13 @@ that defines it:
   ``mnist-dequantized``;
 * :mod:`experiments.data.digits`: ``digits``, ``digits17``, ``digits-dequantized``;
 * :mod:`experiments.data.synthetic`: the 2-D toys and ``ppca``;
-* :mod:`experiments.data.sequences`: ``names`` and ``speech``.
+* :mod:`experiments.data.sequences`: ``names`` and ``speech``;
+* :mod:`experiments.data.user`: a user's own ``.npy`` / ``.npz`` / ``.csv`` file
+  (``load("path/to/file.npz", spec="categorical:17")``; formats, splits and the inferred
+  support are described there).
+
+Every loaded :class:`Dataset` carries its ``source``: the arguments that load it again (for a
+data file its absolute path and SHA-256), which a run directory records.
 
 The embedded subset's file stays in ``experiments/assets`` (package data of ``experiments``).
 """
@@ -55,12 +61,15 @@ from experiments.data.synthetic import (
     TOY_SIZES,
     ppca_parameters,
 )
+from experiments.data.user import is_data_file, load_file
 from models.base import DataError
 from models.flows.logit import LOGIT_LAMBDA, logit_log_jacobian
 from models.registry import UnknownPartError
 
 __all__ = [
     "load",
+    "load_file",
+    "is_data_file",
     "Dataset",
     "DATASETS",
     "SEED_OFFSETS",
@@ -100,20 +109,33 @@ def load(
     split: str = "59600/400",
     seed: int = 0,
     download: bool = True,
+    spec: Optional[str] = None,
 ) -> Dataset:
-    """Load dataset ``name`` (one of :data:`DATASETS`).
+    """Load dataset ``name`` (one of :data:`DATASETS`, or a ``.npy`` / ``.npz`` / ``.csv``
+    file: :mod:`experiments.data.user`, whose support ``spec`` may give as ``binary``,
+    ``categorical:K`` or ``real``).
 
     ``root``, ``download``, ``binarization`` and ``split`` concern the datasets read from the
     MNIST files (see :mod:`experiments.data.mnist` and :func:`mnist_files`); ``seed`` sets
     every fixed random draw (binarization, dequantization, toy and PPCA samples) as
-    ``seed + SEED_OFFSETS[part]``.
+    ``seed + SEED_OFFSETS[part]``. A Python run that writes a run directory
+    (``Runner(..., run_dir=...)``) must load its data with its own ``TrainConfig.seed``.
     """
-    try:
-        loader = DATASETS.get(name).factory
-    except UnknownPartError as e:
-        raise DataError(str(e)) from None
     if binarization not in BINARIZATIONS:
         raise DataError(f"unknown binarization {binarization!r}; choose one of: {', '.join(BINARIZATIONS)}")
     if split not in MNIST_SPLITS:
         raise DataError(f"unknown split {split!r}; choose one of: {', '.join(MNIST_SPLITS)}")
-    return loader(_Request(name, root, binarization, split, int(seed), download))
+    source = {"name": name, "binarization": binarization, "split": split, "spec": spec, "seed": int(seed)}
+    if name not in DATASETS and is_data_file(name):
+        dataset = load_file(name, spec)
+        source.update(name=dataset.info["source"], sha256=dataset.info["sha256"])
+    else:
+        if spec is not None:
+            raise DataError(f"--data-spec is for data files (--data path.npz); {name} declares its own support")
+        try:
+            loader = DATASETS.get(name).factory
+        except UnknownPartError as e:
+            raise DataError(f"{e}; or give a .npy, .npz or .csv file") from None
+        dataset = loader(_Request(name, root, binarization, split, int(seed), download))
+    dataset.source = source
+    return dataset

@@ -52,6 +52,7 @@ class Dataset:
     info: dict = field(default_factory=dict)
     samples: Optional[SampleFormat] = None  # how samples are written (default: from the spec)
     measures: Tuple[Measure, ...] = ()  # metrics that only mean something for this data
+    source: Optional[dict] = None  # how to load it again (``load`` sets it): the run config's data section + seed
 
     def __post_init__(self) -> None:
         if self.samples is None:
