@@ -23,7 +23,7 @@ from benchmarks.common import banner, format_table, misses, set_threads
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="fewer rounds and smaller estimator batches (~1 min)")
+    p.add_argument("--quick", action="store_true", help="fewer rounds, smaller sizes (~2 min of CPU time)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default 1, see common.py)")
     p.add_argument(
         "--only",
