@@ -242,7 +242,9 @@ def cmd_train(a) -> None:
 
 
 AIS_SETTINGS = ("steps", "chains", "leapfrog", "ais_start", "ais_schedule")
-"""The ``EvalConfig`` fields ``dgm eval`` takes by their own names (``--steps``, ...)."""
+EVAL_SETTINGS = AIS_SETTINGS + ("global_samples",)
+"""The ``EvalConfig`` fields ``dgm eval`` takes by their own names (``--steps``, ...,
+``--global-samples`` of the nested estimator)."""
 
 
 def _add_eval_settings(p: argparse.ArgumentParser, names) -> None:
@@ -269,7 +271,7 @@ def _add_eval_settings(p: argparse.ArgumentParser, names) -> None:
 def cmd_eval(a) -> None:
     from experiments.runs import evaluate_run
 
-    settings = {name: getattr(a, name) for name in AIS_SETTINGS}
+    settings = {name: getattr(a, name) for name in EVAL_SETTINGS}
     result = evaluate_run(a.run, estimator=a.estimator, k=a.k, limit=a.limit, split=a.split, **settings)
     print(json.dumps(result, indent=2))
 
@@ -419,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=1000)
     p.add_argument("--limit", type=int, default=None, help="first N datapoints only")
     p.add_argument("--split", default="test", choices=["test", "val"])
-    _add_eval_settings(p, AIS_SETTINGS)
+    _add_eval_settings(p, EVAL_SETTINGS)
     p.set_defaults(fn=cmd_eval)
     p = sub.add_parser(
         "bdmc",

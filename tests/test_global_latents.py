@@ -318,8 +318,9 @@ def test_bayes_vae_global_term_is_minus_the_kl_of_its_weight_guide(float64):
     assert abs(float(ratio.mean() + kl)) < 4 * float(ratio.std() / math.sqrt(len(ratio)))
 
 
-def test_bayes_vae_trains_with_elbo_and_iwae_and_evaluates_with_the_nested_estimator(tmp_path):
-    """A few steps on digits from the CLI (preset small); auto evaluation is nested."""
+def test_bayes_vae_trains_with_elbo_and_iwae_and_evaluates_with_the_nested_estimator(tmp_path, capsys):
+    """A few steps on digits from the CLI (preset small); auto evaluation is nested, and
+    ``dgm eval`` takes the nested estimator's ``--global-samples``."""
     import json
 
     from experiments.cli import main
@@ -333,6 +334,11 @@ def test_bayes_vae_trains_with_elbo_and_iwae_and_evaluates_with_the_nested_estim
         test = summary.get("test", summary)
         assert test["estimator"] == "nested" and test["settings"] == {"K": 3, "global_samples": 4}
         assert math.isfinite(test["nll"]) and test["nll"] > 0
+    capsys.readouterr()
+    assert main(["eval", str(run), "--k", "2", "--global-samples", "3", "--limit", "4"]) == 0
+    out = capsys.readouterr().out
+    evaluated = json.loads(out[out.index("{") :])
+    assert evaluated["estimator"] == "nested" and evaluated["settings"] == {"K": 2, "global_samples": 3}
 
 
 def test_enumerated_elbo_counts_global_terms_once_and_equals_trace_enum_elbo(float64):
