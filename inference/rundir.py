@@ -16,9 +16,14 @@
   - ``train`` / ``eval``: the :class:`~inference.config.TrainConfig` and
     :class:`~inference.config.EvalConfig`.
 
-* ``data.json``: the data's spec and training-set size, so a run loads without its data.
+* ``data.json``: the data's spec and training-set size, so a run loads without its data
+  (and, where the runner wrote it, ``"writer": "Runner"``).
+* ``summary.json``: what ``dgm compare`` tabulates. ``dgm train`` writes its own (with the
+  dataset's description, its measures and the model's report); a directory whose
+  ``data.json`` the runner wrote gets :func:`summary` from ``Runner.evaluate()`` on the test
+  split after ``fit()``.
 
-Both are strict JSON (no NaN or Infinity tokens), written atomically.
+All are strict JSON (no NaN or Infinity tokens), written atomically.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ from inference.config import EvalConfig, GuideConfig, ObjectiveConfig, TrainConf
 from models.base import DGMError, GenerativeModel
 from models.loading import describe_model
 
-CONFIG, DATA = "config.json", "data.json"
+CONFIG, DATA, SUMMARY = "config.json", "data.json", "summary.json"
+RUNNER = "Runner"  # data.json's "writer" where the runner wrote the run's description
 
 
 def finite(obj):
@@ -90,7 +96,7 @@ def run_record(
         "train": asdict(train),
         "eval": asdict(evaluation),
     }
-    spec = {"spec": model.data_spec.to_json(), "num_train": int(data.train.shape[0])}
+    spec = {"spec": model.data_spec.to_json(), "num_train": int(data.train.shape[0]), "writer": RUNNER}
     return {"config": json.loads(json.dumps(config, default=str)), "data": spec}
 
 
@@ -100,3 +106,37 @@ def write_run_record(run_dir: Path, record: Dict[str, Any]) -> None:
     for name, key in ((CONFIG, "config"), (DATA, "data")):
         if not (Path(run_dir) / name).exists():
             write_json(Path(run_dir) / name, record[key])
+
+
+def written_by_runner(run_dir: Path) -> bool:
+    """Whether the runner wrote the description of ``run_dir`` (so it writes the summary too)."""
+    try:
+        return json.loads((Path(run_dir) / DATA).read_text()).get("writer") == RUNNER
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def summary(config: Dict[str, Any], data_name: str, guide: str, progress: dict, device: str, test: dict) -> dict:
+    """``summary.json`` of a runner-written run, in the fields ``dgm compare`` reads:
+    ``config`` is the run's ``config.json``, ``progress`` what ``fit()`` returned, ``test``
+    the evaluation of the test split."""
+    from models.loading import model_label
+
+    objective = config["objective"]
+    schedule = [f"KL warm-up {objective.get('kl_warmup')} steps"] if objective.get("kl_warmup") else []
+    schedule += [f"free bits {objective.get('free_bits'):g}"] if objective.get("free_bits") else []
+    return {
+        "model": model_label(config["model"]["name"]),
+        "preset": config["model"].get("preset"),
+        "data": data_name,
+        "objective": objective["name"],
+        "k": objective["k"],
+        "guide": guide,
+        "kl_schedule": ", ".join(schedule) or "-",
+        "epochs": progress["epoch"],
+        "steps": progress["step"],
+        "train_seconds": round(progress["train_seconds"], 2),
+        "device": device,
+        "best_val_bound": progress["best_val"],
+        "test": test,
+    }

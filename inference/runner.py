@@ -43,7 +43,7 @@ from inference.evaluation import evaluate
 from inference.guides import Guide, build_guide
 from inference.lr_schedules import learning_rate
 from inference.objective import Objective, make_objective
-from inference.rundir import CONFIG, run_record, write_run_record
+from inference.rundir import CONFIG, SUMMARY, run_record, summary, write_json, write_run_record, written_by_runner
 from models.base import DGMError, GenerativeModel
 
 __all__ = ["Runner", "TrainConfig", "EvalConfig", "fit_local_guide", "load_state", "CHECKPOINT", "BEST", "FINAL"]
@@ -266,6 +266,7 @@ class Runner:
             self.optimizer.register_step_pre_hook(self._clip_gradients)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self._record = None  # config.json and data.json, written by fit() where missing
+        self._progress: Optional[dict] = None  # what fit() returned
         if self.run_dir is not None and not (self.run_dir / CONFIG).exists():
             self._record = run_record(model, data, objective, self.guide, self.config, self.evaluation)
         if self.run_dir is not None:
@@ -407,7 +408,8 @@ class Runner:
                 write_run_record(self.run_dir, self._record)
             while True:
                 try:
-                    return self._fit()
+                    self._progress = self._fit()
+                    return self._progress
                 except _Diverged as d:
                     self._roll_back(d)
 
@@ -605,7 +607,7 @@ class Runner:
             self.model.check_labels(labels, x.shape[0], "evaluation labels")
             conditions = {"y": labels}
         overrides = {key: value for key, value in (("estimator", estimator), ("k", k)) if value is not None}
-        return evaluate(
+        result = evaluate(
             self.model,
             self.guide,
             x.to(self.device),
@@ -614,6 +616,11 @@ class Runner:
             num_particles=self.objective.num_particles,
             train=self.config,
         )
+        if data is None and self._progress is not None and self.run_dir and written_by_runner(self.run_dir):
+            config = json.loads((self.run_dir / CONFIG).read_text())
+            done = summary(config, self.data.name, self.guide.describe(), self._progress, str(self.device), result)
+            write_json(self.run_dir / SUMMARY, done)  # a runner-written run: dgm compare reads it
+        return result
 
 
 def load_weights(model: nn.Module, guide: nn.Module, state: dict, path: Path) -> None:

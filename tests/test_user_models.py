@@ -217,7 +217,7 @@ def test_an_installed_package_adds_its_models_through_entry_points(tmp_path):
 
 
 # --- Runner(..., run_dir=...) -------------------------------------------------------------------
-def test_a_python_run_directory_is_read_by_dgm_eval_and_sample(tmp_path, model_file):
+def test_a_python_run_directory_is_read_by_dgm_eval_sample_and_compare(tmp_path, model_file, capsys):
     Coins = import_model_file(model_file, "Coins")
     data = load("digits")
     run = tmp_path / "py-run"
@@ -236,6 +236,10 @@ def test_a_python_run_directory_is_read_by_dgm_eval_and_sample(tmp_path, model_f
         json.loads(done.stdout)["nll"], -_exact_log_px(runner.model.logits, data.test).mean().item()
     )
     assert main(["sample", str(run), "--n", "4", "--out", str(tmp_path / "s.png")]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(run)]) == 0  # the runner wrote summary.json from its last test evaluation
+    row = capsys.readouterr().out.splitlines()[2]
+    assert row.startswith("| py-run | Coins | elbo | amortized |") and f"| {own:.2f} ± " in row
 
 
 def test_a_registered_model_with_a_preset_is_rebuilt_from_a_python_run(tmp_path):
