@@ -519,17 +519,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning) -> None:
-    """``dgm: warning: ...`` for the warnings a user can act on; others as Python shows them."""
+def _format_warning(message, category, filename, lineno, line=None, _default=warnings.formatwarning) -> str:
+    """``dgm: warning: ...`` for the warnings a user can act on; others as Python formats them."""
     if issubclass(category, DGMWarning):
-        print(f"dgm: warning: {message}", file=sys.stderr)
-    else:
-        _default(message, category, filename, lineno, file, line)
+        return f"dgm: warning: {message}\n"
+    return _default(message, category, filename, lineno, line)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    warnings.showwarning = _show_warning
+    warnings.formatwarning = _format_warning
     try:
         args.fn(args)
     except DGMError as e:

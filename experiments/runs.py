@@ -174,7 +174,11 @@ def train_run(config: RunConfig, run_dir: PathLike) -> dict:
     config = with_sources(config)
     config_path = run_dir / "config.json"
     if config_path.exists():
-        old = defining(_as_json(read_config(config_path)))
+        recorded = read_config(config_path)
+        warn_if_changed(recorded.model.name, recorded.model.sha256, str(config_path))  # resuming on an edited file
+        if recorded.data.sha256 is not None:
+            user_data.warn_if_changed(recorded.data.name, recorded.data.sha256, str(config_path))
+        old = defining(_as_json(recorded))
         new = defining(_as_json(config))
         if old != new:
             raise DGMError(

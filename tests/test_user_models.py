@@ -186,6 +186,8 @@ def test_a_changed_model_file_is_imported_afresh_and_its_run_warns(tmp_path, mod
     assert resolve_model(f"{model_file}:Coins") is not first  # the new content, not a stale module
     with pytest.warns(DGMWarning, match="my_models.py changed since"):
         load_run(run)
+    with pytest.warns(DGMWarning, match="my_models.py changed since"):  # and so does resuming it
+        assert main(["train", f"{model_file}:Coins", *TINY, "--run-dir", str(run)]) == 0
 
 
 def test_an_installed_package_adds_its_models_through_entry_points(tmp_path):
