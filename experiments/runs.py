@@ -19,7 +19,6 @@ Python API::
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -39,6 +38,8 @@ from inference.device import resolve_device
 from inference.evaluation import evaluate
 from inference.guides import Guide, build_guide
 from inference.objective import make_objective
+from inference.rundir import finite as _finite
+from inference.rundir import write_json
 from inference.runner import BEST, CHECKPOINT, FINAL, Runner, free_memory, load_state, load_weights
 from models.base import DataSpec, DGMError, GenerativeModel
 from models.loading import canonical_reference, model_label, resolve_model, warn_if_changed
@@ -143,25 +144,6 @@ def build(config: RunConfig, run_dir: Optional[Path] = None, data=None) -> Tuple
     guide = build_guide(config.guide, model, data.train)
     runner = Runner(model, data, objective, guide, config=config.train, run_dir=run_dir, evaluation=config.eval)
     return runner, data
-
-
-def _finite(obj):
-    """``obj`` with every non-finite float replaced by ``None``: strict JSON (no NaN or
-    Infinity tokens) that every JSON reader accepts; ``None`` reads as "not available"."""
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
-def write_json(path: Path, obj) -> None:
-    """Strict JSON, written atomically."""
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(_finite(obj), indent=2, default=str, allow_nan=False) + "\n")
-    tmp.replace(path)
 
 
 def _as_json(config: RunConfig) -> dict:
