@@ -34,8 +34,9 @@ Steps (``STEPS``):
   ``alpha = softplus(a)``, ``beta = -alpha + softplus(b)``.
 
 ``(u, w, b)`` and ``(z0, a, b)`` come from a one-hidden-layer tanh network of the context,
-one network per step. Sites with discrete or constrained support pass through unchanged;
-a site's event of any shape is flattened to a vector for the flow and reshaped back.
+one network per step. Sites with discrete or constrained support pass through unchanged, and
+so do global latent sites (outside the data plate: the flow is amortized per datapoint); a
+site's event of any shape is flattened to a vector for the flow and reshaped back.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from torch.nn import functional as F
 
 from inference.config import GuideConfig
 from inference.guides import GUIDES, Guide
-from models.base import DGMError, GenerativeModel
+from models.base import DATA_PLATE, DGMError, GenerativeModel
 from models.nn import MLP
 from models.nn.masked import MaskedLinear, connectivity_mask, order_degrees
 
@@ -331,6 +332,8 @@ class FlowGuide(Guide):
         for name, site in trace.nodes.items():
             if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
                 continue
+            if not any(f.name == DATA_PLATE for f in site["cond_indep_stack"]):
+                continue  # a global latent (decoder weights): its guide stays as it is, no flow per datapoint
             if _is_real(site["fn"]):
                 shapes[name] = site["fn"].event_shape
                 dtype = site["value"].dtype
