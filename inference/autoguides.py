@@ -25,14 +25,16 @@ sites as ``Delta`` sites carrying the log-Jacobian (``inference.logweights``).
 Held-out data: a guide with local sites declares ``refit_on_new_data``; ``for_data`` builds
 the same guide on the new rows, copies the global sites' parameters (the trained q(theta))
 and fits the local ones with the model and q(theta) frozen (``refit_epochs`` epochs of the
-ELBO), as the local guide does. Sites a guide cannot handle (discrete supports; supports
-without a bijection to R^n, e.g. a ``MixtureSameFamily``'s) are refused in one line naming
-the site, its distribution and the guide to use instead.
+ELBO at Adam's rate ``max(--lr, REFIT_LR)``), as the local guide does. Sites a guide cannot
+handle (discrete supports; supports without a bijection to R^n, e.g. a
+``MixtureSameFamily``'s) are refused in one line naming the site, its distribution and the
+guide to use instead.
 """
 
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from typing import List, Optional, Tuple
 
 import pyro
@@ -44,7 +46,7 @@ from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
 from torch.distributions import biject_to
 
-from inference.config import GuideConfig
+from inference.config import GuideConfig, TrainConfig
 from inference.guides import GUIDES, Guide, site_error
 from models.base import DATA_PLATE, DGMError, GenerativeModel, collect_aux_terms
 
@@ -55,6 +57,10 @@ AUTOGUIDES = {
     "auto-lowrank-mvn": "Pyro's AutoLowRankMultivariateNormal over the global latents (AutoNormal for local ones)",
     "auto-iaf": "Pyro's AutoIAFNormal over the global latents (AutoNormal for local ones)",
 }
+REFIT_LR = 0.05
+"""Adam's rate (at least) when fitting held-out per-datapoint parameters: each is updated once
+an epoch, with the model and q(theta) frozen, so the training run's rate for shared networks
+is far too small for them."""
 MAX_IAF_DIM = 2000  # AutoIAFNormal's MADE has ~6 dim^2 weights at its default width
 _names = itertools.count()
 
@@ -159,7 +165,9 @@ class PyroAutoGuide(Guide):
                 if name in own and own[name].shape == p.shape and not _is_local(name, self.local_sites):
                     p.copy_(own[name])
                     p.requires_grad_(False)
-        return fit_local_guide(model, x, num_particles, train, epochs=self.settings.refit_epochs, guide=fresh)
+        train = train or TrainConfig()
+        refit = replace(train, lr=max(train.lr, REFIT_LR))  # only per-datapoint parameters move here
+        return fit_local_guide(model, x, num_particles, refit, epochs=self.settings.refit_epochs, guide=fresh)
 
 
 class _FullBatchRows(Messenger):
