@@ -253,6 +253,8 @@ def compute_log_weights(
     if global_draws is not None and (global_draws < 1 or num_particles % global_draws):
         raise DGMError(f"global_draws must divide the {num_particles} particles, got {global_draws}")
     share = global_draws is not None or bool(fixed_globals)
+    if fixed_globals and global_draws is None:
+        global_draws = 1  # global sites left unfixed (an autoguide's joint draw) matter no more: draw them once
 
     def particles(fn, skip=()):
         if share:
