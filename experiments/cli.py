@@ -5,6 +5,8 @@
     dgm eval RUN --estimator is --k 5000
     dgm eval RUN --estimator ais --steps 1000 --chains 16 --leapfrog 10 [--ais-start guide]
     dgm bdmc RUN --n 20 --steps 1000 --chains 16 [--leapfrog 10] [--seed 0]
+    dgm gradvar RUN --objective NAME --k K [--n-estimates M]
+    dgm gaps RUN [--limit N]
     dgm sample RUN [--n 64] [--out FILE] [--condition-on top-half]
     dgm score RUN --data ood:inverted
     dgm density RUN [--out FILE]
@@ -298,6 +300,42 @@ def cmd_bdmc(a) -> None:
     )
 
 
+def cmd_gradvar(a) -> None:
+    from dataclasses import asdict
+
+    from experiments.runs import gradvar_run
+
+    settings = asdict(config_from_args(a).objective)
+    name, k = settings.pop("name"), settings.pop("k")
+    out, stem = gradvar_run(a.run, name, k, a.n_estimates, batch_size=a.batch_size, seed=a.seed, **settings)
+    print(stem.with_suffix(".md").read_text().rstrip())
+    print(f"wrote {stem}.md, .json and .png")
+
+
+def cmd_gaps(a) -> None:
+    from experiments.runs import gaps_run
+
+    out, path = gaps_run(
+        a.run,
+        a.limit,
+        k=a.k,
+        steps=a.steps,
+        chains=a.chains,
+        elbo_samples=a.elbo_samples,
+        refit_epochs=a.refit_epochs,
+        refit_lr=a.refit_lr,
+        seed=a.seed,
+        progress=not a.no_progress,
+    )
+    print(
+        f"{out['n']} test points: log p(x) {out['log_px']:.2f} ({out['log_px_method']}), "
+        f"ELBO(q*) {out['elbo_best']:.2f}, ELBO(encoder) {out['elbo_encoder']:.2f}; "
+        f"approximation gap {out['approximation']:.2f} "
+        f"± {out['approximation_stderr']:.2f}, amortization gap {out['amortization']:.2f} "
+        f"± {out['amortization_stderr']:.2f} nats; wrote {path}"
+    )
+
+
 def cmd_sample(a) -> None:
     from experiments.runs import load_run
 
@@ -433,6 +471,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_settings(p, ("steps", "chains", "leapfrog", "ais_schedule"))
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_bdmc)
+    p = sub.add_parser(
+        "gradvar", help="variance and SNR of an objective's gradient at a run's trained parameters (encoder, decoder)"
+    )
+    p.add_argument("run", type=Path)
+    add_flags(p, sections=("objective",), choices={"objective": _registry_choices()["objective"]})
+    p.add_argument("--n-estimates", type=int, default=100, help="independent gradient estimates M (default: 100)")
+    p.add_argument("--batch-size", type=int, default=100, help="training rows of the minibatch (default: 100)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the minibatch's binarization and the samples")
+    p.set_defaults(fn=cmd_gradvar)
+    p = sub.add_parser(
+        "gaps", help="approximation and amortization gaps of a run on test points (Cremer et al. 2018)"
+    )
+    p.add_argument("run", type=Path)
+    p.add_argument("--limit", type=int, default=100, help="first N test points (default: 100)")
+    p.add_argument("--k", type=int, default=5000, help="IS samples where log p(x) is neither exact nor AIS")
+    p.add_argument("--elbo-samples", type=int, default=100, help="samples per ELBO estimate (default: 100)")
+    p.add_argument("--refit-epochs", type=int, default=200, help="full-batch steps fitting q* (default: 200)")
+    p.add_argument(
+        "--refit-lr", type=float, default=0.05, help="Adam learning rate fitting q*, cosine-decayed (default: 0.05)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    _add_eval_settings(p, ("steps", "chains"))
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(fn=cmd_gaps)
     p = sub.add_parser("sample", help="draw samples from a trained run into a PNG")
     p.add_argument("run", type=Path)
     p.add_argument("--n", type=int, default=64)

@@ -510,6 +510,116 @@ EXPERIMENTS = Registry("experiment")
 for _name, _experiment in _EXPERIMENTS.items():
     EXPERIMENTS.add(_name, _experiment, _experiment.description)
 
+
+# --- inference strategies (issue 13; reports in experiments.strategies) -------------------------
+def _snr_report(run_dirs: List[Path], tiny: bool = False) -> str:
+    from experiments.strategies import snr_report
+
+    return snr_report(run_dirs, tiny)
+
+
+def _gaps_report(run_dirs: List[Path], tiny: bool = False) -> str:
+    from experiments.strategies import gaps_report
+
+    return gaps_report(run_dirs, tiny)
+
+
+def _strategies_report(run_dirs: List[Path], tiny: bool = False) -> str:
+    from experiments.strategies import strategies_report
+
+    return strategies_report(run_dirs, tiny)
+
+
+def _discrete_report(run_dirs: List[Path], tiny: bool = False) -> str:
+    from experiments.strategies import discrete_report
+
+    return discrete_report(run_dirs, tiny)
+
+
+STRATEGY_STEPS = 5_000  # the step budget of every strategies run (8.4 epochs of 596 minibatches)
+STRATEGIES = [  # (run name, objective, K, other settings)
+    ("elbo", "elbo", 1, {}),
+    ("elbo-sf-nvil", "elbo-sf", 1, {"baseline": "neural"}),
+    ("iwae5", "iwae", 5, {}),
+    ("renyi0.5-k5", "renyi", 5, {"alpha": 0.5}),
+    ("vimco5", "vimco", 5, {}),
+    ("dreg5", "dreg", 5, {}),
+    ("stl1", "stl", 1, {}),
+    ("stl5", "stl", 5, {}),
+    ("rws5", "rws", 5, {}),
+    ("elbo-local", "elbo", 1, {"guide": "local"}),
+    ("elbo-iaf2", "elbo", 1, {"guide": "iaf", "flow_depth": 2}),
+    ("elbo-semi-amortized", "elbo", 1, {"guide": "semi-amortized"}),
+]
+DISCRETE_EPOCHS = 20
+
+_INFERENCE = {
+    "gradient-snr": Experiment(
+        "Gradient signal-to-noise ratio against K (Rainforth et al. 2018): encoder and decoder SNR of iwae, "
+        "dreg and stl at the trained parameters of the ELBO-trained VAE of mnist-iwae",
+        MNIST_IWAE_RUNS[:1],
+        "The run is mnist-iwae's vae-elbo (trained there if missing). At its trained parameters, for each "
+        "objective and K = 1, 3, 10, 30, 100: 100 independent gradient estimates of the loss per datapoint on "
+        "the first 100 training images (one binarization, seed 0); SNR = |mean| / std per parameter, averaged "
+        "over the encoder's (guide's) and the decoder's parameters (`dgm gradvar`). Rainforth et al.: IWAE's "
+        "encoder SNR falls as O(1/sqrt(K)), its decoder SNR rises as O(sqrt(K)); DReG (Tucker et al. 2019) and "
+        "STL (Roeder et al. 2017) keep the encoder's from falling.",
+        shares="mnist-iwae",
+        report=_snr_report,
+    ),
+    "inference-gaps": Experiment(
+        "Approximation and amortization gaps (Cremer et al. 2018) of the one-layer VAE with its diagonal "
+        "Gaussian encoder and with an IAF guide (the runs of iaf-guide)",
+        _EXPERIMENTS["iaf-guide"].runs,
+        "The runs are iaf-guide's (trained there if missing). On the first 100 test images (`dgm gaps`): "
+        "log p(x) by AIS (prior start, T = 1,000, 16 chains); q* the best mean-field Gaussian per image (the "
+        "local guide started at the encoder's output, 500 full-batch Adam steps from lr 0.05 cosine-decayed to 0, "
+        "the decoder frozen); ELBOs with 1,000 samples. Approximation gap = log p(x) - ELBO(q*), amortization gap = "
+        "ELBO(q*) - ELBO(encoder). For the IAF run q* is still Gaussian, a smaller family than its guide's: "
+        "a negative amortization gap there is what the flow gains over the Gaussian family.",
+        shares="iaf-guide",
+        report=_gaps_report,
+    ),
+    "strategies": Experiment(
+        f"Every objective and guide on the one-layer VAE on MNIST at one step budget ({STRATEGY_STEPS:,} steps)",
+        [
+            (name, _latent("vae", "iwae-1layer", objective, k, epochs=10, max_steps=STRATEGY_STEPS, **extra))
+            for name, objective, k, extra in STRATEGIES
+        ],
+        "Data: MNIST, dynamic binarization, 59,600/400 split, best-validation weights; batch 100, Adam 1e-3, "
+        f"{STRATEGY_STEPS:,} steps each. Test log p(x): importance sampling with each run's guide (refitted for "
+        "the local guide; refined for the semi-amortized one), K = 1,000, first 1,000 test images; ELBO: the "
+        "mean log-weight of those samples; active units: Cov_x(E_q[z_j | x]) > 0.01. Wall time per step: the "
+        "run's training seconds over its steps, and relative to iwae (amortized) at the same K.",
+        report=_strategies_report,
+    ),
+    "discrete-latents": Experiment(
+        "Sigmoid belief nets (200 and 200-200 latent units) on binarized MNIST trained with NVIL, VIMCO and RWS "
+        f"at one budget ({DISCRETE_EPOCHS} epochs), next to MuProp's Table 3",
+        [
+            (
+                f"{arch}-{tag}",
+                _latent("sbn", preset, objective, k, epochs=DISCRETE_EPOCHS, **extra),
+            )
+            for arch, preset in (("sbn200", "mnist-1layer"), ("sbn200x2", "mnist-2layer"))
+            for tag, objective, k, extra in (
+                ("nvil", "elbo-sf", 1, {"baseline": "neural"}),
+                ("vimco5", "vimco", 5, {}),
+                ("rws5", "rws", 5, {}),
+            )
+        ],
+        "Data: MNIST, dynamic binarization, 59,600/400 split, best-validation weights; batch 100, Adam 1e-3. "
+        "NVIL = elbo-sf with the neural (input-dependent) baseline plus the decaying average (Mnih and Gregor "
+        "2014); VIMCO and RWS with K = 5. Test NELBO: minus the mean log-weight of the IS samples; test NLL: "
+        "importance sampling K = 1,000, first 1,000 test images. MuProp (Gu et al. 2016, Table 3) report test "
+        f"NELBO 113.5 (200) and 99.7 (200-200) for NVIL after far longer training than these {DISCRETE_EPOCHS} "
+        "epochs (the budget gap: their numbers are from runs trained to convergence).",
+        report=_discrete_report,
+    ),
+}
+for _name, _experiment in _INFERENCE.items():
+    EXPERIMENTS.add(_name, _experiment, _experiment.description)
+
 TINY = dict(train=dict(epochs=1, max_steps=3, progress=False), eval=dict(k=10, limit=20))
 PROTOCOLS = ("cpu", "paper")
 """``cpu``: each experiment's CPU budget; ``paper``: the paper's own protocol (``Experiment.paper``)."""

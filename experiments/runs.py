@@ -531,3 +531,120 @@ def bdmc_run(
         summary["bdmc"].update({key: out[key] for key in ("gap", "gap_stderr", "lower", "upper")}, file=path.name)
         write_json(summary_path, summary)
     return out, path, summary is not None
+
+
+# --- gradient variance and inference gaps (issue 13) ----------------------------------------
+def _minibatch(run: Run, batch_size: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """The first ``batch_size`` rows of one (seeded) binarization of the run's training set,
+    their indices and the training-set size."""
+    data = run.data
+    x = data.train_epoch(torch.Generator().manual_seed(seed)) if data.dynamic else data.train
+    n = x.shape[0]
+    if batch_size < 1:
+        raise DGMError(f"--batch-size must be >= 1, got {batch_size}")
+    rows = torch.arange(min(batch_size, n))
+    return x[rows].to(run.device), rows.to(run.device), n
+
+
+def gradvar_run(
+    run_dir: PathLike,
+    objective: str,
+    k: int = 1,
+    n_estimates: int = 100,
+    *,
+    batch_size: int = 100,
+    seed: int = 0,
+    plot: bool = True,
+    **objective_settings,
+) -> Tuple[dict, Path]:
+    """``dgm gradvar``: variance and SNR of ``objective``'s gradient (``inference.gradvar``)
+    at the run's trained parameters, on the first ``batch_size`` training rows, per group
+    (encoder, decoder); written to ``RUN/gradvar_<objective>_K<k>.{json,md,png}``."""
+    from inference.config import ObjectiveConfig
+    from inference.gradvar import gradient_estimates, gradient_stats, parameter_groups, plot_snr
+
+    run = load_run(run_dir)
+    config = replace(ObjectiveConfig(), name=objective, k=k, **objective_settings)
+    obj = make_objective(config, run.data.spec)
+    obj.check(run.model)
+    for m in obj.modules():
+        m.to(run.device)
+    x, idx, n = _minibatch(run, batch_size, seed)
+    conditions = {"y": run.data.train_labels[idx.cpu()].to(run.device)} if run.model.uses_labels else {}
+    torch.manual_seed(seed)
+    groups = parameter_groups(run.model, run.guide, x, **conditions)
+    start = time.time()
+    estimates = gradient_estimates(
+        obj, run.model, run.guide, x, groups, n_estimates, idx=idx, size=n, conditions=conditions
+    )
+    seconds = (time.time() - start) / n_estimates
+    stats = gradient_stats(estimates)
+    out = {
+        "objective": config.describe(),
+        "k": k,
+        "n_estimates": n_estimates,
+        "batch_size": int(x.shape[0]),
+        "seed": seed,
+        "seconds_per_estimate": seconds,
+        "snr": "mean over the group's parameters of |mean| / std of the M estimates (Rainforth et al. 2018)",
+        "groups": {g: s.to_json() for g, s in stats.items()},
+    }
+    stem = Path(run_dir) / f"gradvar_{objective}_K{k}"
+    write_json(stem.with_suffix(".json"), out)
+    lines = [
+        f"Gradient of {config.describe()} (loss per datapoint), {n_estimates} estimates on {out['batch_size']} "
+        "training rows, at the run's trained parameters:",
+        "",
+        "| group | parameters | mean SNR | median SNR | mean variance | mean squared mean |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in stats.values():
+        lines.append(
+            f"| {s.group} | {s.parameters} | {s.snr:.4g} | {s.snr_median:.4g} | {s.variance:.4g} | {s.mean_sq:.4g} |"
+        )
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    if plot:
+        plot_snr(stats, stem.with_suffix(".png"), title=f"{Path(run_dir).name}: {config.describe()}")
+    return out, stem
+
+
+def gaps_run(
+    run_dir: PathLike,
+    limit: int = 100,
+    *,
+    k: int = 5000,
+    steps: int = 1000,
+    chains: int = 16,
+    elbo_samples: int = 100,
+    refit_epochs: int = 200,
+    refit_lr: float = 0.05,
+    seed: int = 0,
+    progress: bool = False,
+) -> Tuple[dict, Path]:
+    """``dgm gaps``: the approximation and amortization gaps (``inference.gaps``) of the run
+    on its first ``limit`` test points, per datapoint and on average, written to
+    ``RUN/gaps_n<limit>.json``. ``k`` is IS's sample count, ``steps`` / ``chains`` AIS's."""
+    from inference.gaps import inference_gaps
+
+    if limit < 1:
+        raise DGMError(f"--limit must be >= 1, got {limit}")
+    run = load_run(run_dir)
+    x = run.data.test[:limit].to(run.device)
+    run.model.check_data(x, "test data")
+    torch.manual_seed(seed)
+    evaluation = replace(run.config.eval, k=k, steps=steps, chains=chains, limit=None)
+    gaps = inference_gaps(
+        run.model,
+        run.guide,
+        x,
+        log_px=evaluation,
+        elbo_samples=elbo_samples,
+        refit_epochs=refit_epochs,
+        refit_lr=refit_lr,
+        train=run.config.train,
+        progress=progress,
+    )
+    out = {"guide": run.guide.describe(), "seed": seed, **gaps.to_json()}
+    path = Path(run_dir) / f"gaps_n{limit}.json"
+    write_json(path, out)
+    return out, path

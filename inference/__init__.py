@@ -19,7 +19,7 @@ Importing this package registers every part.
 
 # Each of these modules registers its parts; their order is the order `dgm list` shows.
 # isort: off
-from inference import objectives, enum, em, flow_guides, ais, renyi, vimco, stl, dreg, rws  # noqa: F401
+from inference import objectives, enum, em, flow_guides, ais, semi_amortized, renyi, vimco, stl, dreg, rws  # noqa: F401
 from inference import autoguides  # noqa: F401
 
 # isort: on

@@ -66,6 +66,11 @@ class ObjectiveConfig:
         return self.name + (f" K={self.k}" if self.k > 1 else "")
 
 
+LOCAL_LR = 0.1
+"""The local guide's learning rate: each per-datapoint parameter is updated once an epoch,
+so it needs far larger steps than the shared networks' (see GuideConfig.local_lr)."""
+
+
 @dataclass
 class GuideConfig:
     name: str = setting(
@@ -73,11 +78,27 @@ class GuideConfig:
     )
     flow_depth: int = setting(2, "flow guides: number of flow steps")
     flow_hidden: Optional[int] = setting(None, "flow guides: hidden width (default max(16, 4 * latent size))")
-    refit_epochs: int = setting(20, "local guides: epochs to fit held-out data with the model frozen")
+    refit_epochs: int = setting(100, "local guides: epochs to fit held-out data with the model frozen")
+    local_lr: Optional[float] = setting(LOCAL_LR, "local guides: Adam learning rate of the per-datapoint parameters")
+    local_init_scale: float = setting(1.0, "local guides: initial standard deviation of q (1: the prior's)")
+    local_steps: int = setting(5, "local guides: natural-gradient steps on each minibatch's rows before each step")
+    refine_steps: int = setting(5, "semi-amortized guide: gradient steps refining the encoder's q(z | x) per datapoint")
+    refine_lr: float = setting(0.1, "semi-amortized guide: step size of the refinement (natural-gradient ascent)")
 
     def check(self) -> None:
         require(self.flow_depth >= 1, f"--flow-depth must be >= 1, got {self.flow_depth}")
         require(self.refit_epochs >= 1, f"--refit-epochs must be >= 1, got {self.refit_epochs}")
+        require(
+            self.local_lr is None or (finite(self.local_lr) and self.local_lr > 0),
+            f"--local-lr must be > 0, got {self.local_lr}",
+        )
+        require(
+            finite(self.local_init_scale) and self.local_init_scale > 0,
+            f"--local-init-scale must be > 0, got {self.local_init_scale}",
+        )
+        require(self.local_steps >= 0, f"--local-steps must be >= 0, got {self.local_steps}")
+        require(self.refine_steps >= 0, f"--refine-steps must be >= 0, got {self.refine_steps}")
+        require(finite(self.refine_lr) and self.refine_lr > 0, f"--refine-lr must be > 0, got {self.refine_lr}")
         require(
             self.flow_hidden is None or self.flow_hidden >= 1, f"--flow-hidden must be >= 1, got {self.flow_hidden}"
         )

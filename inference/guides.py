@@ -45,6 +45,9 @@ from inference.config import GuideConfig
 from models.base import DATA_PLATE, DGMError, GenerativeModel
 from models.registry import Registry
 
+LOCAL_STEP_SIZE = 0.3
+"""The local guide's per-minibatch natural-gradient step size (``before_step``)."""
+
 GUIDES = Registry("guide")
 """Guide name -> factory ``(config: GuideConfig, model, data: Tensor) -> Guide``."""
 
@@ -55,6 +58,7 @@ class Guide(nn.Module):
     refit_on_new_data: ClassVar[bool] = False
     is_model_guide: ClassVar[bool] = False
     config: Optional[GuideConfig] = None  # what it was built from (build_guide records it)
+    lr: Optional[float] = None  # its parameters' own learning rate (None: the run's --lr), scaled by the schedule
 
     def describe(self) -> str:
         """The guide as a run summary names it."""
@@ -63,6 +67,11 @@ class Guide(nn.Module):
     def for_data(self, model: GenerativeModel, x: Tensor, *, num_particles: int = 1, train=None) -> "Guide":
         """A guide for the (held-out) data ``x``: this one, unless ``refit_on_new_data``."""
         return self
+
+    def before_step(self, model: GenerativeModel, x: Tensor, idx: Tensor, size: int, conditions: dict) -> None:
+        """Called by the runner before each training step on the minibatch ``x`` (rows
+        ``idx`` of ``size``): a guide may update its own parameters here (the local guide
+        fits the minibatch's rows). Default: nothing."""
 
 
 @GUIDES.register("amortized", "the model's own encoder q(z | x), shared by every datapoint")
@@ -157,9 +166,17 @@ class LocalGuide(Guide):
 
     refit_on_new_data = True
 
-    def __init__(self, model: GenerativeModel, data: Tensor, init_scale: float = 0.1, refit_epochs: int = 20):
+    def __init__(
+        self,
+        model: GenerativeModel,
+        data: Tensor,
+        init_scale: float = 1.0,
+        refit_epochs: int = 100,
+        lr: Optional[float] = None,
+        steps: int = 0,
+    ):
         super().__init__()
-        self.refit_epochs = refit_epochs
+        self.refit_epochs, self.init_scale, self.lr, self.steps = refit_epochs, init_scale, lr, steps
         self.num_data = data.shape[0]
         self.sites = _latent_sites(model, data[: min(2, self.num_data)])
         self.loc = nn.ParameterDict()
@@ -215,17 +232,51 @@ class LocalGuide(Guide):
     def describe(self) -> str:
         return "local"
 
+    def before_step(self, model: GenerativeModel, x: Tensor, idx: Tensor, size: int, conditions: dict) -> None:
+        """Stochastic variational inference's local step (Hoffman et al. 2013): ``steps``
+        natural-gradient steps (``inference.semi_amortized.natural_gradient_steps``, size
+        ``LOCAL_STEP_SIZE``) on the ELBO of the minibatch's rows, the model fixed, before the
+        joint step. Without it each row's q moves once an epoch and the decoder learns against
+        stale posteriors. Only for models whose latent sites are all real-valued."""
+        sites = list(self.sites.values())
+        if not self.steps or any(s.kind != "real" or len(s.shape) != s.event_dim for s in sites):
+            return
+        from inference.semi_amortized import natural_gradient_steps  # it imports this module
+
+        params = {
+            s.name: (self.loc[s.name][idx], (nn.functional.softplus(self.raw_scale[s.name][idx]) + 1e-5).log())
+            for s in sites
+        }
+        refined, _, _ = natural_gradient_steps(
+            model, sites, params, x, idx, size, conditions, self.steps, LOCAL_STEP_SIZE
+        )
+        with torch.no_grad():
+            for name, (loc, log_scale) in refined.items():
+                self.loc[name][idx] = loc
+                scale = (log_scale.exp() - 1e-5).clamp_min(1e-6)
+                self.raw_scale[name][idx] = scale + torch.log(-torch.expm1(-scale))  # softplus^-1
+
     def for_data(self, model: GenerativeModel, x: Tensor, *, num_particles: int = 1, train=None) -> "LocalGuide":
         """A fresh local guide fitted on ``x`` with the model frozen: ``refit_epochs`` epochs
-        of the ELBO with ``num_particles`` samples, the optimizer settings of ``train``."""
+        of the ELBO with ``num_particles`` samples, the optimizer settings of ``train`` at this
+        guide's learning rate (decayed to 0 over the fit), no minibatch steps (their constant
+        step size would leave its noise in the fitted q)."""
         from inference.runner import fit_local_guide  # the runner builds guides: import at use
 
-        return fit_local_guide(model, x, num_particles, train, epochs=self.refit_epochs)
+        options = {"local_init_scale": self.init_scale, "local_lr": self.lr, "local_steps": 0}
+        return fit_local_guide(model, x, num_particles, train, epochs=self.refit_epochs, guide_options=options)
 
 
 @GUIDES.register("local", "one set of variational parameters per datapoint, refitted on held-out data")
 def _local(config: GuideConfig, model: GenerativeModel, data: Tensor) -> LocalGuide:
-    return LocalGuide(model, data, refit_epochs=config.refit_epochs)
+    return LocalGuide(
+        model,
+        data,
+        init_scale=config.local_init_scale,
+        refit_epochs=config.refit_epochs,
+        lr=config.local_lr,
+        steps=config.local_steps,
+    )
 
 
 def build_guide(config: Union[GuideConfig, str], model: GenerativeModel, data: Tensor, **settings) -> Guide:

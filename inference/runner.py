@@ -261,7 +261,7 @@ class Runner:
             m.to(self.device)
         self.params = self._collect_params()
         self._check_memory()
-        self.optimizer = torch.optim.Adam(self.params, lr=self.config.lr, eps=self.config.adam_eps)
+        self.optimizer = torch.optim.Adam(self._param_groups(), lr=self.config.lr, eps=self.config.adam_eps)
         if self.config.grad_clip:  # every optimizer.step(), whichever objective calls it, sees clipped gradients
             self.optimizer.register_step_pre_hook(self._clip_gradients)
         self.run_dir = Path(run_dir) if run_dir is not None else None
@@ -293,7 +293,7 @@ class Runner:
         count alone, so a resumed run takes the same rates."""
         lr = learning_rate(self.config, step, steps_per_epoch) * ROLLBACK_LR_FACTOR**rollbacks
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_factor", 1.0)
         return lr
 
     def _check_memory(self) -> None:
@@ -340,6 +340,18 @@ class Runner:
             return {}
         y = self.labels[split]
         return {"y": y if rows is None else y[rows]}
+
+    def _param_groups(self) -> List[dict]:
+        """One optimizer group, or two where the guide declares its own learning rate (the
+        local guide: each of its parameters sees one datapoint, once an epoch); a group's
+        ``lr_factor`` scales the schedule's rate."""
+        if self.guide.lr is None:
+            return [{"params": self.params}]
+        own = {id(p) for p in self.guide.parameters()}
+        rest = [p for p in self.params if id(p) not in own]
+        guide = [p for p in self.params if id(p) in own]
+        groups = [{"params": rest}] if rest else []
+        return groups + [{"params": guide, "lr_factor": self.guide.lr / self.config.lr}]
 
     def _collect_params(self) -> List[nn.Parameter]:
         modules = [self.model, self.guide] + self.objective.modules()
@@ -528,9 +540,9 @@ class Runner:
         """One step of the objective on the minibatch ``x`` (rows ``idx`` of ``n``); returns
         the detached terms."""
         self.objective.set_step(step)
-        return self.objective.train_step(
-            self.model, self.guide, x, idx, n, self.optimizer, self._conditions("train", idx)
-        )
+        conditions = self._conditions("train", idx)
+        self.guide.before_step(self.model, x, idx, n, conditions)
+        return self.objective.train_step(self.model, self.guide, x, idx, n, self.optimizer, conditions)
 
     def _log_train(
         self, step: int, epoch: float, sums: Dict[str, Tensor], count: int, lr: float
@@ -646,23 +658,35 @@ def fit_local_guide(
     epochs: int = 20,
     init_from=None,
     guide: Union[str, Guide] = "local",
+    guide_options: Optional[Dict] = None,
 ) -> Guide:
     """Fit per-datapoint variational parameters on ``x`` with the model frozen (the
     held-out evaluation of a local guide, and the best-q half of the amortization gap):
     ``epochs`` epochs of the ELBO with ``num_particles`` samples and the optimizer settings
-    of ``config`` (at its constant ``lr``: a schedule belongs to the training run).
-    ``guide``: the guide to fit (a fresh one built for ``x``), by default a local guide."""
+    of ``config``, the learning rate decayed to 0 by a cosine over the fit (the training
+    run's schedule does not apply; a constant rate would leave its noise in the fitted q).
+    ``guide``: the guide to fit (a fresh one built for ``x``), by default a local guide, built
+    with ``guide_options`` (fields of ``GuideConfig``: its learning rate, initial scale,
+    minibatch steps); without them it learns at ``config.lr`` with no minibatch steps."""
     from inference.objectives import ELBO
 
     config = config or TrainConfig()
+    if guide_options is None:
+        guide_options = {"local_lr": None, "local_steps": 0}
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
     try:
         cfg = replace(  # a fixed-length fit: the training run's schedule does not apply
-            config, epochs=epochs, validate=False, max_steps=None, device=str(x.device), lr_schedule="constant"
+            config,
+            epochs=epochs,
+            validate=False,
+            max_steps=None,
+            device=str(x.device),
+            lr_schedule="cosine",
+            lr_min=0.0,
         )
-        runner = Runner(model, _Fixed(x), ELBO(num_particles), guide=guide, config=cfg)
+        runner = Runner(model, _Fixed(x), ELBO(num_particles), guide=guide, config=cfg, guide_options=guide_options)
         if init_from is not None:
             runner.guide.init_from(init_from, x)
         runner.fit()
