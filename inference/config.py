@@ -63,7 +63,8 @@ class ObjectiveConfig:
 
     def describe(self) -> str:
         """The objective and the settings that change it, e.g. ``iwae K=5``."""
-        return self.name + (f" K={self.k}" if self.k > 1 else "")
+        text = self.name + (f" K={self.k}" if self.k > 1 else "")
+        return text + (f" alpha={self.alpha:g}" if self.name == "renyi" else "")
 
 
 LOCAL_LR = 0.1

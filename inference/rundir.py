@@ -72,8 +72,8 @@ def run_record(
 ) -> Dict[str, Any]:
     """``config.json`` and ``data.json`` of a run (``{"config": ..., "data": ...}``); a part
     that a run directory cannot record (a model class that cannot be imported again, data
-    without a ``source``) is refused in one line."""
-    source: Optional[dict] = data.source
+    without a ``source``) raises a one-line ``DGMError`` (the runner warns with it and trains on)."""
+    source: Optional[dict] = getattr(data, "source", None)
     if source is None:
         raise DGMError(
             f"a run directory records how to load its data again, and {data.name} cannot say it; "

@@ -28,6 +28,7 @@ import json
 import math
 import os
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -44,7 +45,7 @@ from inference.guides import Guide, build_guide
 from inference.lr_schedules import learning_rate
 from inference.objective import Objective, make_objective
 from inference.rundir import CONFIG, SUMMARY, run_record, summary, write_json, write_run_record, written_by_runner
-from models.base import DGMError, GenerativeModel
+from models.base import DGMError, DGMWarning, GenerativeModel
 
 __all__ = ["Runner", "TrainConfig", "EvalConfig", "fit_local_guide", "load_state", "CHECKPOINT", "BEST", "FINAL"]
 
@@ -268,7 +269,15 @@ class Runner:
         self._record = None  # config.json and data.json, written by fit() where missing
         self._progress: Optional[dict] = None  # what fit() returned
         if self.run_dir is not None and not (self.run_dir / CONFIG).exists():
-            self._record = run_record(model, data, objective, self.guide, self.config, self.evaluation)
+            try:
+                self._record = run_record(model, data, objective, self.guide, self.config, self.evaluation)
+            except DGMError as e:  # a Python-only run (a notebook's class, one's own tensors) still trains
+                warnings.warn(
+                    f"{self.run_dir} gets checkpoints, metrics and weights but no config.json, so `dgm` commands "
+                    f"cannot load it: {e}",
+                    DGMWarning,
+                    stacklevel=2,
+                )
         if self.run_dir is not None:
             try:
                 self.run_dir.mkdir(parents=True, exist_ok=True)

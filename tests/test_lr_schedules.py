@@ -142,6 +142,7 @@ class _Stop(Exception):
 @pytest.mark.parametrize(
     "schedule", [dict(lr_schedule="cosine", lr_min=1e-4), dict(lr_schedule="step", lr_step_every=1)]
 )
+@pytest.mark.filterwarnings("ignore:.*no config.json:models.base.DGMWarning")
 def test_a_run_with_a_schedule_interrupted_mid_epoch_resumes_bit_for_bit(tmp_path, schedule):
     data = _Data()
     cfg = _config(epochs=3, grad_clip=1.0, **schedule)

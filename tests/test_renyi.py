@@ -129,3 +129,10 @@ def test_equals_pyro_renyi_elbo_for_one_datapoint(float64, alpha):
     value = theirs.loss_and_grads(pm, pg, x)
     assert ours[0] == pytest.approx(value, rel=1e-12)
     torch.testing.assert_close(ours[1], torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]))
+
+
+def test_the_description_of_a_renyi_run_names_its_alpha():
+    from inference.config import ObjectiveConfig
+
+    assert ObjectiveConfig(name="renyi", k=5, alpha=0.25).describe() == "renyi K=5 alpha=0.25"
+    assert ObjectiveConfig(name="iwae", k=5, alpha=0.25).describe() == "iwae K=5"

@@ -269,7 +269,7 @@ class _Local(GenerativeModel):
     pass
 
 
-def test_what_a_run_directory_cannot_record_is_refused_before_training(tmp_path, model_file):
+def test_what_a_run_directory_cannot_record_is_said_and_training_goes_on(tmp_path, model_file):
     data = load("digits")
     config = TrainConfig(epochs=1, max_steps=1, device="cpu", progress=False)
     Coins = import_model_file(model_file, "Coins")
@@ -277,15 +277,16 @@ def test_what_a_run_directory_cannot_record_is_refused_before_training(tmp_path,
     class Inner(Coins):
         pass
 
-    with pytest.raises(DGMError, match="not a module-level class"):
-        Runner(Inner(data.spec), data, ObjectiveConfig(), config=config, run_dir=tmp_path / "a")
-    with pytest.raises(DGMError, match=r"loaded with seed=0 but TrainConfig.seed=1; .* load\(..., seed=1\)"):
+    with pytest.warns(DGMWarning, match="no config.json, so `dgm` commands cannot load it: .*not a module-level class"):
+        Runner(Inner(data.spec), data, ObjectiveConfig(), config=config, run_dir=tmp_path / "a").fit()
+    assert (tmp_path / "a" / "final.pt").exists() and not (tmp_path / "a" / "config.json").exists()
+    with pytest.warns(DGMWarning, match=r"loaded with seed=0 but TrainConfig.seed=1; .* load\(..., seed=1\)"):
         Runner(
             Coins(data.spec), data, ObjectiveConfig(), config=TrainConfig(seed=1, device="cpu"), run_dir=tmp_path / "b"
         )
     without = load("digits")
     without.source = None  # data that cannot say how to load it again
-    with pytest.raises(DGMError, match="cannot say it; load the data with experiments.data.load"):
+    with pytest.warns(DGMWarning, match="cannot say it; load the data with experiments.data.load"):
         Runner(Coins(data.spec), without, ObjectiveConfig(), config=config, run_dir=tmp_path / "c")
     assert model_reference(_Local).endswith("test_user_models.py:_Local")  # a module-level class in a file
     Runner(Coins(data.spec), without, ObjectiveConfig(), config=config)  # without a run directory: nothing to record
