@@ -573,7 +573,8 @@ _INFERENCE = {
         _EXPERIMENTS["iaf-guide"].runs,
         "The runs are iaf-guide's (trained there if missing). On the first 100 test images (`dgm gaps`): "
         "log p(x) by AIS (prior start, T = 1,000, 16 chains); q* the best mean-field Gaussian per image (the "
-        "local guide started at the encoder's output, 500 full-batch Adam steps from lr 0.05 cosine-decayed to 0, "
+        "local guide started at the encoder's output, 500 full-batch Adam steps (10 samples each) from lr 0.05 "
+        "cosine-decayed to 0, "
         "the decoder frozen); ELBOs with 1,000 samples. Approximation gap = log p(x) - ELBO(q*), amortization gap = "
         "ELBO(q*) - ELBO(encoder). For the IAF run q* is still Gaussian, a smaller family than its guide's: "
         "a negative amortization gap there is what the flow gains over the Gaussian family.",
