@@ -14,7 +14,8 @@ For each datapoint ``x`` of a trained model and its guide::
 * ``q*``: the best per-datapoint q of the mean-field Gaussian family (the diagonal encoder's),
   fitted with the local guide (:func:`inference.runner.fit_local_guide`) on these datapoints
   with the model frozen, started at the encoder's means and scales, ``REFIT_PARTICLES``
-  samples per gradient and a cosine-decayed rate, so that it ends no worse than the encoder. For a guide of a richer family (a flow) ``q*`` is still the Gaussian one: its
+  samples per gradient and a cosine-decayed rate, so that it ends no worse than the encoder.
+  For a guide of a richer family (a flow) ``q*`` is still the Gaussian one: its
   "amortization gap" can then be negative, by what the flow gains over the Gaussian family.
 * ``ELBO(q)``: the mean of ``log p(x, z) - log q(z | x)`` over ``elbo_samples`` samples.
 """
