@@ -480,9 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=100, help="training rows of the minibatch (default: 100)")
     p.add_argument("--seed", type=int, default=0, help="seeds the minibatch's binarization and the samples")
     p.set_defaults(fn=cmd_gradvar)
-    p = sub.add_parser(
-        "gaps", help="approximation and amortization gaps of a run on test points (Cremer et al. 2018)"
-    )
+    p = sub.add_parser("gaps", help="approximation and amortization gaps of a run on test points (Cremer et al. 2018)")
     p.add_argument("run", type=Path)
     p.add_argument("--limit", type=int, default=100, help="first N test points (default: 100)")
     p.add_argument("--k", type=int, default=5000, help="IS samples where log p(x) is neither exact nor AIS")
