@@ -4,110 +4,192 @@ of Wu, Burda, Salakhutdinov and Grosse (2017), Table 1, on our trained VAEs.
 For each run (the ELBO- and IWAE-trained VAEs of ``mnist-iwae``, whose runs it reuses):
 
 * importance sampling with the encoder as proposal at K = 10, 100, 1,000, 10,000 on the first
-  ``IS_N`` test images, K = 100,000 on the first ``IS_BIG_N``, and K = 10,000 on AIS's images;
+  ``IS_N`` test images, K = 100,000 on the first ``IS_BIG_N``, and K = 5,000 (the
+  ``mnist-iwae`` table's K) on AIS's images;
 * AIS (prior start, sigmoid schedule, C = 16 chains, L = 10 leapfrog steps, adaptive step
-  size) at T = 100, 1,000, 10,000 on the first ``AIS_N`` test images;
+  size) at T = 100 and 1,000 on the first ``AIS_N`` test images and T = 10,000 on the first
+  ``AIS_BIG_N`` (a CPU budget);
 * the BDMC gap (forward AIS lower bound against reverse AIS upper bound on data simulated
   from the model) at the largest T, on ``BDMC_N`` simulated points.
 
 Every estimate is a stochastic lower bound of log p(x) in expectation, so on the same
 images the larger one is the better one; the table gives each with its standard error,
-its trust figure (k-hat share, chains' spread) and its wall time, and ``eval-quality.png``
-plots log p(x) against seconds for both estimators. The subsets are stated in the table.
+its trust figure (k-hat share, chains' spread), its wall time and, for AIS, the paired
+difference AIS - IS(K = 5,000) on the same images (mean and standard error of the
+per-image differences). ``eval-quality.png`` plots log p(x) against seconds for both
+estimators. The subsets are stated in the table.
+
+Each row is written to ``RUN/eval-quality.jsonl`` as soon as it is measured (with the
+per-image values and a fingerprint of the run's weights) and reused by a later call on the
+same weights, so an interrupted evaluation resumes where it stopped, and the two runs can be
+measured by two processes at once (``python -m experiments.eval_quality RUN``).
 """
 
 from __future__ import annotations
 
+import json
+import math
+import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import numpy as np
-
-from inference.config import EvalConfig
-from inference.evaluation import evaluate
 
 IS_KS = (10, 100, 1_000, 10_000)
 IS_N = 1_000
 IS_BIG_K, IS_BIG_N = 100_000, 100
+PAIR_K = 5_000  # the IS that AIS is compared with image by image: the mnist-iwae table's K
 AIS_TS = (100, 1_000, 10_000)
-AIS_N, AIS_CHAINS, AIS_LEAPFROG = 100, 16, 10
+AIS_N, AIS_BIG_N, AIS_CHAINS, AIS_LEAPFROG = 100, 20, 16, 10
 BDMC_N = 20
-TINY = dict(ks=(2, 4), n=6, big_k=8, big_n=3, ts=(2, 3), ais_n=3, chains=2, leapfrog=1, bdmc_n=2)
+TINY = dict(ks=(2, 4), n=6, big_k=8, big_n=3, pair_k=4, ts=(2, 3), ais_n=3, ais_big_n=2, chains=2, leapfrog=1, bdmc_n=2)
+CACHE = "eval-quality.jsonl"
 
 
 def _settings(tiny: bool) -> Dict:
     if tiny:
         return TINY
     return dict(
-        ks=IS_KS, n=IS_N, big_k=IS_BIG_K, big_n=IS_BIG_N, ts=AIS_TS, ais_n=AIS_N, chains=AIS_CHAINS,
-        leapfrog=AIS_LEAPFROG, bdmc_n=BDMC_N,
+        ks=IS_KS, n=IS_N, big_k=IS_BIG_K, big_n=IS_BIG_N, pair_k=PAIR_K, ts=AIS_TS, ais_n=AIS_N,
+        ais_big_n=AIS_BIG_N, chains=AIS_CHAINS, leapfrog=AIS_LEAPFROG, bdmc_n=BDMC_N,
     )  # fmt: skip
+
+
+def plans(tiny: bool = False) -> List[Tuple[str, Dict, int]]:
+    """``(estimator, settings, first n test images)`` of every row, in order."""
+    s = _settings(tiny)
+    out = [("is", dict(k=k), s["n"]) for k in s["ks"]] + [("is", dict(k=s["big_k"]), s["big_n"])]
+    ais_n = {t: s["ais_big_n"] if t == s["ts"][-1] else s["ais_n"] for t in s["ts"]}
+    for n in sorted(set(ais_n.values()), reverse=True):  # IS on AIS's own images: the paired difference
+        out.append(("is", dict(k=s["pair_k"]), n))
+    out += [("ais", dict(steps=t, chains=s["chains"], leapfrog=s["leapfrog"]), ais_n[t]) for t in s["ts"]]
+    return out
+
+
+def _fingerprint(run_dir: Path) -> str:
+    """Which weights a cached row was measured on (size and mtime of ``final.pt``)."""
+    st = (Path(run_dir) / "final.pt").stat()
+    return f"{st.st_size}-{st.st_mtime_ns}"
+
+
+def _key(estimator: str, settings: Dict, n: int) -> str:
+    return json.dumps([estimator, settings, n], sort_keys=True)
+
+
+def _cached(run_dir: Path) -> Dict[str, Dict]:
+    path = Path(run_dir) / CACHE
+    if not path.exists():
+        return {}
+    rows, fp = {}, _fingerprint(run_dir)
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a crash: measured again
+            continue
+        if row.get("fingerprint") == fp:
+            rows[row["key"]] = row
+    return rows
+
+
+def _store(run_dir: Path, row: Dict) -> None:
+    with open(Path(run_dir) / CACHE, "a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 def measure(run_dir: Path, tiny: bool = False) -> List[Dict]:
     """The rows of one run: each estimator setting with its mean log p(x), standard error,
-    trust figure and wall time on its stated subset."""
+    trust figure, wall time and per-image values on its stated subset (cached in the run)."""
     from experiments.runs import load_run
+    from inference.config import EvalConfig
+    from inference.evaluation import evaluate
 
-    s = _settings(tiny)
-    run = load_run(run_dir)
-    x = run.data.test.to(run.device)
-    plans = [("is", dict(k=k), s["n"]) for k in s["ks"]] + [("is", dict(k=s["big_k"]), s["big_n"])]
-    plans += [("is", dict(k=s["ks"][-1]), s["ais_n"])]  # IS on AIS's own images: the AIS - IS difference
-    plans += [("ais", dict(steps=t, chains=s["chains"], leapfrog=s["leapfrog"]), s["ais_n"]) for t in s["ts"]]
-    rows = []
-    for estimator, settings, n in plans:
+    run_dir = Path(run_dir)
+    cached = _cached(run_dir)
+    run, rows = None, []
+    for estimator, settings, n in plans(tiny):
+        key = _key(estimator, settings, n)
+        if key in cached:
+            rows.append(cached[key])
+            continue
+        if run is None:
+            run = load_run(run_dir)
+            x = run.data.test.to(run.device)
+        print(f"[eval-quality] {run_dir.name}: {estimator} {settings} on {n} test images", flush=True)
         config = EvalConfig(estimator=estimator, limit=n, **settings)
         t0 = time.time()
-        out = evaluate(run.model, run.guide, x, config, train=run.config.train)
+        out = evaluate(run.model, run.guide, x, config, train=run.config.train, keep_values=True)
         trust = ", ".join(f"{field} {out[field]:.3g}" for field in out["trust"])
-        rows.append(
-            dict(
-                run=Path(run_dir).name, estimator=estimator, settings=settings, n=out["n"], log_px=-out["nll"],
-                stderr=out["nll_stderr"], trust=trust, seconds=time.time() - t0,
-            )
+        row = dict(
+            key=key, fingerprint=_fingerprint(run_dir), run=run_dir.name, estimator=estimator, settings=settings,
+            n=out["n"], log_px=-out["nll"], stderr=out["nll_stderr"], trust=trust, seconds=time.time() - t0,
+            values=out["log_px"],
         )  # fmt: skip
-    return rows
+        _store(run_dir, row)
+        rows.append(row)
+    return rows + [bdmc_row(run_dir, tiny, cached)]
 
 
-def bdmc_row(run_dir: Path, tiny: bool = False) -> Dict:
+def bdmc_row(run_dir: Path, tiny: bool = False, cached: Dict[str, Dict] = None) -> Dict:
     """The BDMC sandwich at the largest T on points simulated from the run's model (also
     recorded in the run's summary)."""
     from experiments.runs import bdmc_run
 
     s = _settings(tiny)
+    settings = dict(steps=s["ts"][-1], chains=s["chains"], leapfrog=s["leapfrog"])
+    key = _key("bdmc", settings, s["bdmc_n"])
+    if key in (cached or {}):
+        return cached[key]
+    print(f"[eval-quality] {Path(run_dir).name}: bdmc {settings} on {s['bdmc_n']} simulated points", flush=True)
     t0 = time.time()
-    out, _, _ = bdmc_run(run_dir, s["bdmc_n"], steps=s["ts"][-1], chains=s["chains"], leapfrog=s["leapfrog"])
+    out, _, _ = bdmc_run(run_dir, s["bdmc_n"], progress=True, **settings)
     lower = np.asarray(out["per_datapoint"]["lower"])
-    return dict(
-        run=Path(run_dir).name, estimator="bdmc", settings=dict(steps=s["ts"][-1], chains=s["chains"]),
+    row = dict(
+        key=key, fingerprint=_fingerprint(run_dir), run=Path(run_dir).name, estimator="bdmc", settings=settings,
         n=out["n"], log_px=out["lower"], stderr=float(np.std(lower, ddof=1) / np.sqrt(len(lower))),
         trust=f"gap {out['gap']:.3g} ± {out['gap_stderr']:.2g} (upper {out['upper']:.2f}), simulated data",
-        seconds=time.time() - t0,
+        seconds=time.time() - t0, gap=out["gap"], gap_stderr=out["gap_stderr"],
     )  # fmt: skip
+    _store(run_dir, row)
+    return row
+
+
+def paired_difference(rows: List[Dict], row: Dict, pair_k: int) -> str:
+    """``AIS - IS(K = pair_k)`` on the same images: the mean per-image difference ± its
+    standard error (the spread over images cancels in the pairing)."""
+    same = [r for r in rows if r["estimator"] == "is" and r["settings"]["k"] == pair_k and r["n"] == row["n"]]
+    if row["estimator"] != "ais" or not same:
+        return "-"
+    d = np.asarray(row["values"], dtype=np.float64) - np.asarray(same[0]["values"], dtype=np.float64)
+    se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
+    return f"{d.mean():+.2f} ± {se:.2f}"
 
 
 def report(run_dirs: List[Path], tiny: bool = False) -> str:
     """The table (and ``eval-quality.png`` beside the runs) for ``dgm reproduce eval-quality``."""
-    rows = [row for d in run_dirs for row in measure(d, tiny) + [bdmc_row(d, tiny)]]
+    pair_k = _settings(tiny)["pair_k"]
     lines = [
-        "| run | estimator | settings | test images | mean log p(x) | ± stderr | trust | seconds |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| run | estimator | settings | test images | mean log p(x) | ± stderr | AIS - IS K={pair_k} (same images) "
+        "| trust | seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        settings = ", ".join(f"{k}={v}" for k, v in r["settings"].items())
-        lines.append(
-            f"| {r['run']} | {r['estimator']} | {settings} | {r['n']} | {r['log_px']:.2f} | {r['stderr']:.2f} "
-            f"| {r['trust']} | {r['seconds']:.0f} |"
-        )
+    rows = []
+    for d in run_dirs:
+        mine = measure(d, tiny)
+        rows += mine
+        for r in mine:
+            settings = ", ".join(f"{k}={v}" for k, v in r["settings"].items())
+            lines.append(
+                f"| {r['run']} | {r['estimator']} | {settings} | {r['n']} | {r['log_px']:.2f} | {r['stderr']:.2f} "
+                f"| {paired_difference(mine, r, pair_k)} | {r['trust']} | {r['seconds']:.0f} |"
+            )
     plot = Path(run_dirs[0]).parent / "eval-quality.png"
     save_plot(rows, plot)
     return "\n".join(lines) + f"\n\nPlot: {plot}\n"
 
 
 def save_plot(rows: List[Dict], path: Path) -> Path:
-    """log p(x) against wall time, one line per run and estimator (same-subset points only)."""
+    """log p(x) against wall time, one line per run, estimator and subset of test images."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -117,11 +199,11 @@ def save_plot(rows: List[Dict], path: Path) -> Path:
     rows = [r for r in rows if r["estimator"] != "bdmc"]  # simulated data: not on the same images
     for run in sorted({r["run"] for r in rows}):
         for estimator, marker in (("is", "o"), ("ais", "s")):
-            pts = [r for r in rows if r["run"] == run and r["estimator"] == estimator]
-            if pts:
+            for n in sorted({r["n"] for r in rows if r["run"] == run and r["estimator"] == estimator}, reverse=True):
+                pts = [r for r in rows if r["run"] == run and r["estimator"] == estimator and r["n"] == n]
                 ax.errorbar(
                     [r["seconds"] for r in pts], [r["log_px"] for r in pts], yerr=[r["stderr"] for r in pts],
-                    marker=marker, label=f"{run}: {estimator}", capsize=3,
+                    marker=marker, label=f"{run}: {estimator}, first {n} images", capsize=3,
                 )  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel("wall time (s)")
@@ -132,3 +214,8 @@ def save_plot(rows: List[Dict], path: Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+if __name__ == "__main__":  # measure one run's rows (cached in the run), e.g. beside another process
+    for arg in sys.argv[1:]:
+        measure(Path(arg))

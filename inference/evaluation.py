@@ -48,12 +48,14 @@ def evaluate(
     conditions: Optional[Dict[str, Tensor]] = None,
     num_particles: int = 1,
     train: Optional[TrainConfig] = None,
+    keep_values: bool = False,
 ) -> Dict:
     """Estimate log p(x) on ``x`` (``config.limit`` first rows) with ``config.estimator``.
 
     ``guide`` defaults to the model's own; ``conditions`` are keyword tensors of model and
     guide with one row per datapoint (``{"y": labels}``); ``num_particles`` and ``train``
-    (its optimizer settings) set the refit of a guide that needs one."""
+    (its optimizer settings) set the refit of a guide that needs one; ``keep_values`` adds
+    the per-datapoint estimates (``"log_px"``, a list) for paired comparisons."""
     config = config or EvalConfig()
     estimator = make_estimator(config, model)
     guide = guide if guide is not None else AmortizedGuide(model=model)
@@ -77,6 +79,8 @@ def evaluate(
             estimator=estimator,
         )
         out = {**est.summary(estimator.reports), "trust": list(estimator.trust), "eval_seconds": time.time() - t0}
+        if keep_values:
+            out["log_px"] = est.log_px.double().tolist()
         warning = trust_warning(out)
         if warning is not None:
             out["warning"] = warning

@@ -103,9 +103,9 @@ def test_a_finished_run_is_reused_from_another_device_setting_but_not_with_anoth
         train_run(replace(config, train=replace(config.train, lr=0.5)), tmp_path / "run")
 
 
-def test_eval_quality_tabulates_is_and_ais_on_stated_subsets(tmp_path, one_thread):
+def test_eval_quality_tabulates_is_and_ais_on_stated_subsets(tmp_path, one_thread, monkeypatch):
     from experiments.eval_quality import TINY as SMALL
-    from experiments.eval_quality import report
+    from experiments.eval_quality import measure, plans, report
 
     dirs = []
     for run_name, config in EXPERIMENTS["eval-quality"].runs:
@@ -119,11 +119,35 @@ def test_eval_quality_tabulates_is_and_ais_on_stated_subsets(tmp_path, one_threa
         dirs.append(tmp_path / run_name)
     table = report(dirs, tiny=True)
     rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in table.splitlines() if ln.startswith("| vae-")]
-    per_run = len(SMALL["ks"]) + 2 + len(SMALL["ts"]) + 1  # and the BDMC row
+    per_run = len(plans(tiny=True)) + 1  # and the BDMC row
     assert len(rows) == 2 * per_run
     for cells in rows:
         images = int(cells[3])
-        assert images == (SMALL["ais_n"] if cells[1] == "ais" else images) and float(cells[4]) < 0
+        ais_n = SMALL["ais_big_n"] if cells[2].startswith(f"steps={SMALL['ts'][-1]},") else SMALL["ais_n"]
+        assert images == (ais_n if cells[1] == "ais" else images) and float(cells[4]) < 0
         trust = {"is": "khat", "ais": "mc_stderr_mean", "bdmc": "gap"}[cells[1]]
-        assert trust in cells[6]
+        assert trust in cells[7]
+        if cells[1] == "ais":  # the paired difference's mean is the difference of the two means
+            same = [c for c in rows if c[0] == cells[0] and c[2] == f"k={SMALL['pair_k']}" and c[3] == cells[3]]
+            diff = float(cells[6].split("±")[0])
+            assert diff == pytest.approx(float(cells[4]) - float(same[0][4]), abs=0.011)
+        else:
+            assert cells[6] == "-"
+    # every row was kept in its run: a second report measures nothing and says the same
+    import inference.evaluation
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(inference.evaluation, "evaluate", refuse)
+    monkeypatch.setattr("experiments.runs.bdmc_run", refuse)
+    assert report(dirs, tiny=True) == table
+    # new weights: the kept rows no longer count
+    final = dirs[0] / "final.pt"
+    final.write_bytes(final.read_bytes() + b"")
+    import os
+
+    os.utime(final, ns=(1, 1))
+    with pytest.raises(AssertionError, match="measured again"):
+        measure(dirs[0], tiny=True)
     assert (tmp_path / "eval-quality.png").exists()
