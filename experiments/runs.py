@@ -573,10 +573,14 @@ def gradvar_run(
     conditions = {"y": run.data.train_labels[idx.cpu()].to(run.device)} if run.model.uses_labels else {}
     torch.manual_seed(seed)
     groups = parameter_groups(run.model, run.guide, x, **conditions)
+    # one untimed pair of estimates first, so that the time per estimate leaves out warm-up
+    gradient_estimates(obj, run.model, run.guide, x, groups, 2, idx=idx, size=n, conditions=conditions)
+    torch.manual_seed(seed)
     start = time.time()
     estimates = gradient_estimates(
-        obj, run.model, run.guide, x, groups, n_estimates, idx=idx, size=n, conditions=conditions
-    )
+        obj, run.model, run.guide, x, groups, n_estimates, idx=idx, size=n, conditions=conditions,
+        progress=run.config.train.progress,
+    )  # fmt: skip
     seconds = (time.time() - start) / n_estimates
     stats = gradient_stats(estimates)
     out = {

@@ -27,6 +27,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from models.base import DGMError, GenerativeModel
 
@@ -86,10 +87,11 @@ def gradient_estimates(
     idx: Optional[Tensor] = None,
     size: Optional[int] = None,
     conditions: Optional[Dict[str, Tensor]] = None,
+    progress: bool = False,
 ) -> Dict[str, Tensor]:
     """``{group: [M, P]}``: ``n_estimates`` independent gradient estimates of the
     objective's loss per datapoint (``loss / size``) with respect to each group's parameters,
-    flattened; no parameter or objective state changes."""
+    flattened; no parameter or objective state changes. ``progress`` shows a bar."""
     if n_estimates < 2:
         raise DGMError(f"--n-estimates must be >= 2 (a variance needs two estimates), got {n_estimates}")
     size = size or x.shape[0]
@@ -98,7 +100,8 @@ def gradient_estimates(
     names = [g for g in groups if groups[g]]
     params = [p for g in names for p in groups[g]]
     out: Dict[str, List[Tensor]] = {g: [] for g in names}
-    for _ in range(n_estimates):
+    bar = tqdm(range(n_estimates), desc="gradient estimates", disable=not progress, leave=False, mininterval=2.0)
+    for _ in bar:
         try:
             loss, _ = objective.loss_terms(model.model, guide, x, idx, size, train=False, **conditions)
         except NotImplementedError:
