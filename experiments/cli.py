@@ -15,7 +15,7 @@
     dgm train RUN --more-epochs N
     dgm compare RUN [RUN ...]
     dgm report RUN [RUN ...] --out report.html
-    dgm reproduce quickstart
+    dgm reproduce quickstart [--ais-check 100]
 
 Errors a user can fix are printed as one line (``dgm: error: ...``), not a traceback.
 """
@@ -440,7 +440,17 @@ def cmd_report(a) -> None:
 def cmd_reproduce(a) -> None:
     from experiments.reproduce import reproduce, written
 
-    print(reproduce(a.name, out=a.out, device=a.device, tiny=a.tiny, protocol=a.protocol))
+    print(
+        reproduce(
+            a.name,
+            out=a.out,
+            device=a.device,
+            tiny=a.tiny,
+            protocol=a.protocol,
+            ais_check=a.ais_check,
+            ais_steps=a.ais_steps,
+        )
+    )
     print("wrote:\n" + "\n".join(f"  {line}" for line in written(a.name, a.out, a.tiny, a.protocol)))
 
 
@@ -574,6 +584,23 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["cpu", "paper"],
         help="cpu: the experiment's CPU budget (default); paper: the paper's own training protocol "
         "(mnist-iwae, mnist-vae2: Burda et al. 2016, 3,280 epochs, for a GPU)",
+    )
+    p.add_argument(
+        "--ais-check",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after the table, IS (the runs' K) against AIS on each run's first N test images, with the paired "
+        "difference (default 0: off)",
+    )
+    from experiments.ais_check import AIS
+
+    p.add_argument(
+        "--ais-steps",
+        type=int,
+        default=None,
+        metavar="T",
+        help=f"the AIS check's T (default {AIS['steps']:,}; C = {AIS['chains']}, L = {AIS['leapfrog']})",
     )
     p.set_defaults(fn=cmd_reproduce)
     return parser

@@ -27,14 +27,14 @@ measured by two processes at once (``python -m experiments.eval_quality RUN``).
 
 from __future__ import annotations
 
-import json
-import math
 import sys
-import time
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
+
+from experiments import measured
+from experiments.measured import Kept
 
 IS_KS = (10, 100, 1_000, 10_000)
 IS_N = 1_000
@@ -44,7 +44,6 @@ AIS_TS = (100, 1_000, 10_000)
 AIS_N, AIS_BIG_N, AIS_CHAINS, AIS_LEAPFROG = 100, 20, 16, 10
 BDMC_N = 20
 TINY = dict(ks=(2, 4), n=6, big_k=8, big_n=3, pair_k=4, ts=(2, 3), ais_n=3, ais_big_n=2, chains=2, leapfrog=1, bdmc_n=2)
-CACHE = "eval-quality.jsonl"
 
 
 def _settings(tiny: bool) -> Dict:
@@ -67,91 +66,34 @@ def plans(tiny: bool = False) -> List[Tuple[str, Dict, int]]:
     return out
 
 
-def _fingerprint(run_dir: Path) -> str:
-    """Which weights a cached row was measured on (size and mtime of ``final.pt``)."""
-    st = (Path(run_dir) / "final.pt").stat()
-    return f"{st.st_size}-{st.st_mtime_ns}"
-
-
-def _key(estimator: str, settings: Dict, n: int) -> str:
-    return json.dumps([estimator, settings, n], sort_keys=True)
-
-
-def _cached(run_dir: Path) -> Dict[str, Dict]:
-    path = Path(run_dir) / CACHE
-    if not path.exists():
-        return {}
-    rows, fp = {}, _fingerprint(run_dir)
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a crash: measured again
-            continue
-        if row.get("fingerprint") == fp:
-            rows[row["key"]] = row
-    return rows
-
-
-def _store(run_dir: Path, row: Dict) -> None:
-    with open(Path(run_dir) / CACHE, "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
 def measure(run_dir: Path, tiny: bool = False) -> List[Dict]:
     """The rows of one run: each estimator setting with its mean log p(x), standard error,
-    trust figure, wall time and per-image values on its stated subset (cached in the run)."""
-    from experiments.runs import load_run
-    from inference.config import EvalConfig
-    from inference.evaluation import evaluate
-
-    run_dir = Path(run_dir)
-    cached = _cached(run_dir)
-    run, rows = None, []
-    for estimator, settings, n in plans(tiny):
-        key = _key(estimator, settings, n)
-        if key in cached:
-            rows.append(cached[key])
-            continue
-        if run is None:
-            run = load_run(run_dir)
-            x = run.data.test.to(run.device)
-        print(f"[eval-quality] {run_dir.name}: {estimator} {settings} on {n} test images", flush=True)
-        config = EvalConfig(estimator=estimator, limit=n, **settings)
-        t0 = time.time()
-        out = evaluate(run.model, run.guide, x, config, train=run.config.train, keep_values=True)
-        trust = ", ".join(f"{field} {out[field]:.3g}" for field in out["trust"])
-        row = dict(
-            key=key, fingerprint=_fingerprint(run_dir), run=run_dir.name, estimator=estimator, settings=settings,
-            n=out["n"], log_px=-out["nll"], stderr=out["nll_stderr"], trust=trust, seconds=time.time() - t0,
-            values=out["log_px"],
-        )  # fmt: skip
-        _store(run_dir, row)
-        rows.append(row)
-    return rows + [bdmc_row(run_dir, tiny, cached)]
+    trust figure, wall time and per-image values on its stated subset (kept in the run,
+    ``experiments.measured``)."""
+    kept = Kept(run_dir, "eval-quality")
+    return [kept.get(estimator, settings, n) for estimator, settings, n in plans(tiny)] + [
+        bdmc_row(run_dir, tiny, kept)
+    ]
 
 
-def bdmc_row(run_dir: Path, tiny: bool = False, cached: Dict[str, Dict] = None) -> Dict:
+def bdmc_row(run_dir: Path, tiny: bool = False, kept: Optional[Kept] = None) -> Dict:
     """The BDMC sandwich at the largest T on points simulated from the run's model (also
     recorded in the run's summary)."""
-    from experiments.runs import bdmc_run
-
     s = _settings(tiny)
     settings = dict(steps=s["ts"][-1], chains=s["chains"], leapfrog=s["leapfrog"])
-    key = _key("bdmc", settings, s["bdmc_n"])
-    if key in (cached or {}):
-        return cached[key]
-    print(f"[eval-quality] {Path(run_dir).name}: bdmc {settings} on {s['bdmc_n']} simulated points", flush=True)
-    t0 = time.time()
-    out, _, _ = bdmc_run(run_dir, s["bdmc_n"], progress=True, **settings)
-    lower = np.asarray(out["per_datapoint"]["lower"])
-    row = dict(
-        key=key, fingerprint=_fingerprint(run_dir), run=Path(run_dir).name, estimator="bdmc", settings=settings,
-        n=out["n"], log_px=out["lower"], stderr=float(np.std(lower, ddof=1) / np.sqrt(len(lower))),
-        trust=f"gap {out['gap']:.3g} ± {out['gap_stderr']:.2g} (upper {out['upper']:.2f}), simulated data",
-        seconds=time.time() - t0, gap=out["gap"], gap_stderr=out["gap_stderr"],
-    )  # fmt: skip
-    _store(run_dir, row)
-    return row
+
+    def sandwich() -> Dict:
+        from experiments.runs import bdmc_run
+
+        out, _, _ = bdmc_run(run_dir, s["bdmc_n"], progress=True, **settings)
+        lower = np.asarray(out["per_datapoint"]["lower"])
+        return dict(
+            n=out["n"], log_px=out["lower"], stderr=float(np.std(lower, ddof=1) / np.sqrt(len(lower))),
+            trust=f"gap {out['gap']:.3g} ± {out['gap_stderr']:.2g} (upper {out['upper']:.2f}), simulated data",
+            gap=out["gap"], gap_stderr=out["gap_stderr"],
+        )  # fmt: skip
+
+    return (kept or Kept(run_dir, "eval-quality")).get("bdmc", settings, s["bdmc_n"], measure=sandwich)
 
 
 def paired_difference(rows: List[Dict], row: Dict, pair_k: int) -> str:
@@ -160,9 +102,7 @@ def paired_difference(rows: List[Dict], row: Dict, pair_k: int) -> str:
     same = [r for r in rows if r["estimator"] == "is" and r["settings"]["k"] == pair_k and r["n"] == row["n"]]
     if row["estimator"] != "ais" or not same:
         return "-"
-    d = np.asarray(row["values"], dtype=np.float64) - np.asarray(same[0]["values"], dtype=np.float64)
-    se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
-    return f"{d.mean():+.2f} ± {se:.2f}"
+    return measured.paired_difference(row["values"], same[0]["values"])
 
 
 def report(run_dirs: List[Path], tiny: bool = False) -> str:

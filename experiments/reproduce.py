@@ -633,12 +633,26 @@ def _tiny(train: TrainConfig) -> dict:
 
 
 def reproduce(
-    name: str, out: Optional[Path] = None, device: str = "auto", tiny: bool = False, protocol: str = "cpu"
+    name: str,
+    out: Optional[Path] = None,
+    device: str = "auto",
+    tiny: bool = False,
+    protocol: str = "cpu",
+    ais_check: Optional[int] = None,
+    ais_steps: Optional[int] = None,
 ) -> str:
     """Train and evaluate every run of experiment ``name`` into ``out`` and return the
     results table; ``tiny`` shrinks every run to a few steps (a pipeline check);
-    ``protocol`` ``paper`` trains the paper's protocol where the experiment has one."""
+    ``protocol`` ``paper`` trains the paper's protocol where the experiment has one;
+    ``ais_check`` N appends IS against AIS (``ais_steps`` T) on each run's first N test
+    images (``experiments.ais_check``)."""
+    from experiments.ais_check import ais_check_report, ais_settings
+
     exp = EXPERIMENTS[name]
+    if ais_check:
+        ais_settings(ais_check, ais_steps)  # a bad flag is refused before any training
+    elif ais_steps is not None:
+        raise DGMError("--ais-steps sets the AIS of --ais-check N; give --ais-check too")
     if protocol not in PROTOCOLS:
         raise DGMError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
     if protocol == "paper" and exp.paper is None:
@@ -662,6 +676,8 @@ def reproduce(
     table = f"# {name}\n\n{exp.description}\n\n" + compare(dirs) + "\n" + exp.notes + "\n"
     if exp.report is not None:
         table += "\n" + exp.report(dirs, tiny)
+    if ais_check:
+        table += "\n" + ais_check_report(dirs, ais_check, ais_steps)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(table)
     return table

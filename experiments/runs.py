@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -41,7 +42,7 @@ from inference.objective import make_objective
 from inference.rundir import finite as _finite
 from inference.rundir import write_json
 from inference.runner import BEST, CHECKPOINT, FINAL, Runner, free_memory, load_state, load_weights
-from models.base import DataSpec, DGMError, GenerativeModel
+from models.base import DataSpec, DGMError, DGMWarning, GenerativeModel, NoSampler
 from models.loading import canonical_reference, model_label, resolve_model, warn_if_changed
 
 PathLike = Union[str, Path]
@@ -193,9 +194,12 @@ def train_run(config: RunConfig, run_dir: PathLike) -> dict:
     extra = data.report(runner.model, summary, data.test)
     summary["test"].update(extra.pop("test", {}))
     summary.update(extra)
-    data.write_run_outputs(runner.model, run_dir, title=f"{run_dir.name} ({config.describe()})")
+    write_json(run_dir / "summary.json", summary)  # first: a failing picture loses no result
+    try:
+        data.write_run_outputs(runner.model, run_dir, title=f"{run_dir.name} ({config.describe()})")
+    except NoSampler as e:
+        warnings.warn(f"no samples.png: {e}", DGMWarning, stacklevel=2)
     save_curves(run_dir)
-    write_json(run_dir / "summary.json", summary)
     return _finite(summary)  # as written: NaN and infinities are None
 
 
@@ -361,14 +365,13 @@ def evaluate_run(
     run = load_run(run_dir)
     settings.update(estimator=estimator, k=k, limit=limit, batch_size=run.config.eval.batch_size)
     config = from_dict(EvalConfig, settings, "dgm eval")
-    x = getattr(run.data, split)
-    conditions = {"y": getattr(run.data, f"{split}_labels")} if run.model.uses_labels else {}
+    x, conditions = split_data(run, split)
     result = evaluate(
         run.model,
         run.guide,
-        x.to(run.device),
+        x,
         config,
-        conditions={key: value.to(run.device) for key, value in conditions.items()},
+        conditions=conditions,
         num_particles=run.config.objective.k,
         train=run.config.train,
     )
@@ -377,6 +380,14 @@ def evaluate_run(
     name = f"eval_{result['estimator']}{settings}_{split}{'' if limit is None else f'_n{limit}'}.json"
     write_json(Path(run_dir) / name, result)
     return result
+
+
+def split_data(run: Run, split: str = "test") -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """``(x, conditions)``: the run's ``split`` rows and the model's conditions on them (the
+    labels, for a model that uses them), on the run's device."""
+    x = getattr(run.data, split)
+    conditions = {"y": getattr(run.data, f"{split}_labels")} if run.model.uses_labels else {}
+    return x.to(run.device), {key: value.to(run.device) for key, value in conditions.items()}
 
 
 def score_run(run_dir: PathLike, x: torch.Tensor, estimator: str = "auto", k: int = 1000, progress: bool = True):

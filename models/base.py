@@ -77,6 +77,11 @@ class DGMError(Exception):
     """An error a user can act on: the message says what is wrong and how to fix it."""
 
 
+class NoSampler(DGMError, NotImplementedError):
+    """The model has no ``sample(n)``: training, evaluation and scoring work without one;
+    sample grids (``samples.png``, ``dgm sample``) need it."""
+
+
 class DGMWarning(UserWarning):
     """Something a user should know that does not stop the work (``dgm`` prints it as
     ``dgm: warning: ...``): a model or data file changed since a run recorded it."""
@@ -256,7 +261,10 @@ class GenerativeModel(nn.Module):
     # --- everything else ---------------------------------------------------------------
     def sample(self, n: int) -> Tensor:
         """Ancestral samples ``[n, *event_shape]``."""
-        raise NotImplementedError(f"{type(self).__name__} does not implement sample()")
+        raise NoSampler(
+            f"{type(self).__name__} does not implement sample(n) (ancestral samples [n, *event_shape]); "
+            "write one to get samples.png and `dgm sample`"
+        )
 
     def log_prob(self, x: Tensor) -> Tensor:
         """Exact log p(x) per datapoint, in nats (only where ``has_exact_log_prob``)."""

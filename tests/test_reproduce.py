@@ -151,3 +151,96 @@ def test_eval_quality_tabulates_is_and_ais_on_stated_subsets(tmp_path, one_threa
     with pytest.raises(AssertionError, match="measured again"):
         measure(dirs[0], tiny=True)
     assert (tmp_path / "eval-quality.png").exists()
+
+
+def _check_rows(table: str) -> dict:
+    """The AIS check's rows of ``table``, by run: their cells."""
+    section = table[table.index("## AIS check") :].split("|---|")[-1]  # after the header
+    rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in section.splitlines()[1:]]
+    return {cells[0]: cells for cells in rows}
+
+
+def _mean_and_se(cell: str):
+    mean, se = cell.split("±")
+    return float(mean), float(se)
+
+
+def _assert_paired(run_dir, cells, n: int, steps: int) -> None:
+    """The row's AIS - IS is the mean ± standard error of the per-image differences of the
+    two estimates the row shows, on the same first ``n`` images, IS at the run's own K."""
+    import numpy as np
+
+    from experiments.ais_check import AIS
+    from experiments.config import read_config
+    from experiments.measured import Kept
+
+    k = read_config(run_dir / "config.json").eval.k
+    assert int(cells[1]) == n and int(cells[2]) == k
+    (is_mean, _), (ais_mean, _) = _mean_and_se(cells[3]), _mean_and_se(cells[4])
+    diff, diff_se = _mean_and_se(cells[5])
+    assert diff == pytest.approx(ais_mean - is_mean, abs=0.011)  # the pairing's mean: the difference of the means
+    kept = Kept(run_dir, "test")
+    a, i = kept.get("ais", {**AIS, "steps": steps}, n), kept.get("is", dict(k=k), n)
+    assert np.mean(a["values"]) == pytest.approx(ais_mean, abs=0.006)
+    assert np.mean(i["values"]) == pytest.approx(is_mean, abs=0.006)
+    d = np.asarray(a["values"]) - np.asarray(i["values"])
+    assert len(d) == n and diff_se == pytest.approx(d.std(ddof=1) / math.sqrt(n), abs=0.006)
+    assert "accept_mean" in cells[6] and "mc_stderr_mean" in cells[6]
+
+
+def test_ais_check_pairs_ais_with_each_runs_own_is_on_the_same_images(tmp_path, one_thread, monkeypatch):
+    from experiments.reproduce import reproduce
+
+    n, steps = 4, 5
+    table = reproduce("quickstart", out=tmp_path / "q", device="cpu", tiny=True, ais_check=n, ais_steps=steps)
+    assert (tmp_path / "q" / "results.md").read_text() == table
+    rows = _check_rows(table)
+    assert list(rows) == [run_name for run_name, _ in EXPERIMENTS["quickstart"].runs]  # one row per run
+    for run_name, cells in rows.items():
+        _assert_paired(tmp_path / "q" / run_name, cells, n, steps)
+    # every estimate was kept in its run: a rerun measures nothing and says the same
+    import inference.evaluation
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(inference.evaluation, "evaluate", refuse)
+    assert reproduce("quickstart", out=tmp_path / "q", device="cpu", tiny=True, ais_check=n, ais_steps=steps) == table
+
+
+def test_ais_check_says_why_ais_does_not_apply_and_kept_estimates_pass_the_labels(tmp_path, one_thread):
+    import torch
+
+    from experiments.ais_check import ais_check_report
+    from experiments.measured import Kept
+    from inference.config import EvalConfig
+    from inference.evaluation import evaluate
+
+    runs = [EXPERIMENTS["anomaly"].runs[0], EXPERIMENTS["sbn"].runs[0], EXPERIMENTS["m2"].runs[0]]
+    assert [config.model.name for _, config in runs] == ["fvsbn", "sbn", "m2"]
+    for run_name, config in runs:
+        config = replace(
+            config,
+            data=replace(config.data, name="mnist-embedded"),
+            train=replace(config.train, device="cpu", **TINY["train"]),
+            eval=replace(config.eval, **TINY["eval"]),
+        )
+        train_run(config, tmp_path / run_name)
+    rows = _check_rows(ais_check_report([tmp_path / run_name for run_name, _ in runs], 3, 3))
+    fvsbn, sbn, m2 = (rows[run_name] for run_name, _ in runs)
+    assert fvsbn[4] == "not applicable: FVSBN has no latent sites"  # exact: nothing to anneal
+    for cells in (sbn, m2):  # SBN's units; M2's y_unobserved site (all of it masked when y is given)
+        assert cells[4].startswith("not applicable: AIS moves continuous latents, but site") and "discrete" in cells[4]
+    assert fvsbn[1:4] == sbn[1:4] == m2[1:4] == ["-"] * 3
+    # M2's kept estimates are of log p(x, y) with the test labels, as in its table
+    kept = Kept(tmp_path / runs[2][0], "test")
+    run = kept.run
+    assert run.data.test_labels is not None  # loaded before the seed: loading draws no numbers after it
+    torch.manual_seed(0)
+    values = kept.get("is", dict(k=4), 3)["values"]
+    torch.manual_seed(0)
+    config = EvalConfig(estimator="is", k=4, limit=3)
+    out = evaluate(
+        run.model, run.guide, run.data.test, config, conditions={"y": run.data.test_labels}, keep_values=True
+    )
+    assert values == pytest.approx(out["log_px"], abs=1e-9)

@@ -85,6 +85,12 @@ MODEL_FILE = textwrap.dedent(
             return torch.bernoulli(torch.sigmoid(self.decoder(z)))
 
 
+    class Sampleless(TinyVAE):
+        """The README tour's model: no sample(n) of its own."""
+
+        sample = GenerativeModel.sample
+
+
     NOT_A_MODEL = 3
     '''
 )
@@ -152,6 +158,18 @@ def test_a_file_model_without_a_config_class_and_the_latent_command(tmp_path, mo
     assert (tmp_path / "r.png").exists()
     assert main(["train", f"{model_file}:TinyVAE", *TINY, "--opt", "width=3", "--run-dir", str(tmp_path / "x")]) == 2
     assert "takes no options or presets" in capsys.readouterr().err
+
+
+def test_a_model_without_sample_trains_evaluates_and_says_why_it_has_no_samples(tmp_path, model_file, capsys):
+    run = tmp_path / "run"
+    with pytest.warns(DGMWarning, match="no samples.png: Sampleless does not implement sample"):
+        assert main(["train", f"{model_file}:Sampleless", *TINY, "--run-dir", str(run)]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["test"]["nll"] > 0 and not (run / "samples.png").exists()
+    capsys.readouterr()
+    assert main(["sample", str(run), "--n", "4", "--out", str(tmp_path / "s.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dgm: error: Sampleless does not implement sample(n)") and "\n" not in err
 
 
 @pytest.mark.parametrize(
