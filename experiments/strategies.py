@@ -132,6 +132,7 @@ def gaps_report(run_dirs: List[Path], tiny: bool = False) -> str:
             chains=s.get("chains", GAPS_AIS_CHAINS),
             elbo_samples=s.get("elbo_samples", GAPS_ELBO_SAMPLES),
             refit_epochs=s.get("refit_epochs", GAPS_REFIT_EPOCHS),
+            progress=not tiny,
         )
         lines.append(
             f"| {Path(d).name} | {out['guide']} | {out['n']} | {out['log_px']:.2f} ({out['log_px_method']}) "
