@@ -10,7 +10,7 @@ For each run (the ELBO- and IWAE-trained VAEs of ``mnist-iwae``, whose runs it r
   size) at T = 100 and 1,000 on the first ``AIS_N`` test images and T = 10,000 on the first
   ``AIS_BIG_N`` (a CPU budget);
 * the BDMC gap (forward AIS lower bound against reverse AIS upper bound on data simulated
-  from the model) at the largest T, on ``BDMC_N`` simulated points.
+  from the model) at the largest T, on ``BDMC_N`` simulated points (10: a CPU budget).
 
 Every estimate is a stochastic lower bound of log p(x) in expectation, so on the same
 images the larger one is the better one; the table gives each with its standard error,
@@ -42,7 +42,7 @@ IS_BIG_K, IS_BIG_N = 100_000, 100
 PAIR_K = 5_000  # the IS that AIS is compared with image by image: the mnist-iwae table's K
 AIS_TS = (100, 1_000, 10_000)
 AIS_N, AIS_BIG_N, AIS_CHAINS, AIS_LEAPFROG = 100, 20, 16, 10
-BDMC_N = 20
+BDMC_N = 10
 TINY = dict(ks=(2, 4), n=6, big_k=8, big_n=3, pair_k=4, ts=(2, 3), ais_n=3, ais_big_n=2, chains=2, leapfrog=1, bdmc_n=2)
 
 
