@@ -13,10 +13,11 @@ For each datapoint ``x`` of a trained model and its guide::
   under-stated by IS's own gap).
 * ``q*``: the best per-datapoint q of the mean-field Gaussian family (the diagonal encoder's),
   fitted with the local guide (:func:`inference.runner.fit_local_guide`) on these datapoints
-  with the model frozen, started at the encoder's means and scales, ``REFIT_PARTICLES``
-  samples per gradient and a cosine-decayed rate, so that it ends no worse than the encoder.
-  For a guide of a richer family (a flow) ``q*`` is still the Gaussian one: its
-  "amortization gap" can then be negative, by what the flow gains over the Gaussian family.
+  with the model frozen, started at the guide's per-datapoint means and scales (a flow's
+  matched by sample moments), ``REFIT_PARTICLES`` samples per gradient and a cosine-decayed
+  rate, so that it ends no worse than the encoder. For a guide of a richer family (a flow)
+  ``q*`` is still the Gaussian one: its "amortization gap" can then be negative, by what the
+  flow gains over the Gaussian family.
 * ``ELBO(q)``: the mean of ``log p(x, z) - log q(z | x)`` over ``elbo_samples`` samples.
 """
 
@@ -133,7 +134,7 @@ def inference_gaps(
         encoder = elbo_per_datapoint(model, guide, x, elbo_samples, config.batch_size)
         options = {"local_lr": refit_lr, "local_steps": 0}
         best = fit_local_guide(
-            model, x, REFIT_PARTICLES, train, epochs=refit_epochs, init_from=model.guide, guide_options=options
+            model, x, REFIT_PARTICLES, train, epochs=refit_epochs, init_from=guide, guide_options=options
         )
         elbo_best = elbo_per_datapoint(model, best, x, elbo_samples, config.batch_size)
     settings = {

@@ -161,6 +161,20 @@ def _latent_sites(model: GenerativeModel, x: Tensor) -> Dict[str, _Site]:
     return sites
 
 
+INIT_SAMPLES = 1000  # samples whose moments start a local guide at a flow's q
+
+
+def _moments(fn) -> Tuple[Tensor, Tensor]:
+    """``(mean, stddev)`` of a guide site's distribution: closed forms where it has them,
+    else those of ``INIT_SAMPLES`` samples (a flow)."""
+    try:
+        return fn.mean, fn.stddev
+    except NotImplementedError:
+        with torch.no_grad():
+            z = fn.sample((INIT_SAMPLES,))
+        return z.mean(0), z.std(0)
+
+
 class LocalGuide(Guide):
     """Per-datapoint variational parameters for a dataset of ``num_data`` rows."""
 
@@ -215,7 +229,8 @@ class LocalGuide(Guide):
     @torch.no_grad()
     def init_from(self, guide: Callable, data: Tensor, batch_size: int = 500) -> "LocalGuide":
         """Start at another guide's per-datapoint means and scales (real sites only),
-        e.g. the encoder's, so fitting can only improve on it."""
+        e.g. the encoder's, so fitting can only improve on it. A distribution without a
+        closed-form mean (a flow's) is matched by the moments of ``INIT_SAMPLES`` samples."""
         n = data.shape[0]
         for start in range(0, n, batch_size):
             idx = torch.arange(start, min(n, start + batch_size), device=data.device)
@@ -223,9 +238,9 @@ class LocalGuide(Guide):
             for name, s in self.sites.items():
                 if s.kind != "real" or name not in trace.nodes:
                     continue
-                fn = trace.nodes[name]["fn"]
-                self.loc[name][idx] = fn.mean.reshape((len(idx),) + s.shape)
-                std = fn.stddev.reshape((len(idx),) + s.shape).clamp_min(1e-4)
+                mean, std = _moments(trace.nodes[name]["fn"])
+                self.loc[name][idx] = mean.reshape((len(idx),) + s.shape)
+                std = std.reshape((len(idx),) + s.shape).clamp_min(1e-4)
                 self.raw_scale[name][idx] = std + torch.log(-torch.expm1(-std))  # softplus^-1
         return self
 

@@ -80,3 +80,35 @@ def test_dgm_gaps_writes_per_datapoint_gaps_into_the_run(tmp_path, one_thread):
     out = json.loads((run / "gaps_n3.json").read_text())
     assert out["n"] == 3 and out["log_px_method"] == "ais" and len(out["per_datapoint"]["amortization"]) == 3
     assert math.isclose(out["approximation"] + out["amortization"], out["log_px"] - out["elbo_encoder"], abs_tol=1e-6)
+
+
+def test_a_local_guide_starts_at_the_moments_of_a_flow_guide(one_thread):
+    """q* of the gaps starts at the evaluated guide: for a flow (no closed-form mean) at the
+    moments of its samples. An affine flow's are known: mean a + b m, scale |b| s."""
+    import pyro
+    import pyro.distributions as dist
+    import pytest
+    from torch.distributions.transforms import AffineTransform
+
+    from inference.guides import INIT_SAMPLES, LocalGuide
+
+    torch.manual_seed(0)
+    model = PPCA(DataSpec((D,), "real"), PPCAConfig(latent_dim=Q))
+    n = 6
+    x = torch.randn(n, D)
+    m, s = torch.randn(n, Q), torch.rand(n, Q) + 0.5
+    a, b = torch.tensor([1.0, -2.0]), torch.tensor([2.0, -0.5])
+
+    def flow(x, idx=None, size=None):
+        q = dist.TransformedDistribution(dist.Normal(m[idx], s[idx]), [AffineTransform(a, b)]).to_event(1)
+        with model.data_plate(x, idx, size):
+            pyro.sample("z", q)
+        return q
+
+    with pytest.raises(NotImplementedError):  # so the moments come from samples
+        flow(x, torch.arange(n), n).mean
+    guide = LocalGuide(model, x).init_from(flow, x, batch_size=4)  # two batches
+    scale = torch.nn.functional.softplus(guide.raw_scale["z"])
+    true_loc, true_scale = a + b * m, b.abs() * s
+    assert torch.all((guide.loc["z"] - true_loc).abs() < 5 * true_scale / math.sqrt(INIT_SAMPLES))
+    assert torch.all((scale / true_scale - 1).abs() < 5 / math.sqrt(2 * INIT_SAMPLES))
