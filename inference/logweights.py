@@ -165,14 +165,20 @@ class _ShareGlobals(Messenger):
         msg["value"], msg["done"] = value, True
 
 
-def _global_term(site, log_p: Tensor, particle_dim: int, num_particles: int) -> Tensor:
-    """Sum a global site's log-density over every batch dim but the particles: ``[K]``."""
+def _batch_dims(site, log_p: Tensor, particle_dim: int) -> int:
+    """The batch dims a site may have (``-particle_dim``); more is refused by name."""
     n = -particle_dim
     if log_p.dim() > n:
         raise DGMError(
             f"site {site['name']!r} has {log_p.dim()} batch dims but the particle plate sits at "
             f"dim {particle_dim}; raise the model's max_plate_nesting"
         )
+    return n
+
+
+def _global_term(site, log_p: Tensor, particle_dim: int, num_particles: int) -> Tensor:
+    """Sum a global site's log-density over every batch dim but the particles: ``[K]``."""
+    n = _batch_dims(site, log_p, particle_dim)
     mask = site["mask"]
     if mask is not None and mask is not True:
         log_p = torch.where(mask, log_p, 0.0) if isinstance(mask, Tensor) else log_p * 0.0
@@ -185,12 +191,7 @@ def _global_term(site, log_p: Tensor, particle_dim: int, num_particles: int) -> 
 
 def _per_datapoint(site, log_p: Tensor, particle_dim: int, shape: tuple) -> Tensor:
     """Sum a site's log-density over every batch dim except particles and data: ``[K, B]``."""
-    n = -particle_dim
-    if log_p.dim() > n:
-        raise DGMError(
-            f"site {site['name']!r} has {log_p.dim()} batch dims but the particle plate sits at "
-            f"dim {particle_dim}; raise the model's max_plate_nesting"
-        )
+    n = _batch_dims(site, log_p, particle_dim)
     mask = site["mask"]
     if log_p.shape == shape and n == 2 and mask is None and _data_dim(site) == -1:
         return log_p  # already [K, B]: the common case, no views to build or backpropagate
