@@ -82,7 +82,6 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import pyro
 import pyro.poutine as poutine
 import torch
 from torch import Tensor
@@ -91,7 +90,7 @@ from tqdm.auto import tqdm
 
 from inference.config import EvalConfig
 from inference.estimators import ESTIMATORS, Estimate, Estimator
-from inference.logweights import PARTICLE_PLATE, _data_dim, _per_datapoint, _sample_sites
+from inference.logweights import _data_dim, _particle_plate, _per_datapoint, _sample_sites
 from models.base import DGMError, GenerativeModel
 
 SCHEDULES = ("sigmoid", "linear")
@@ -314,7 +313,7 @@ class AnnealedTarget:
         self.shape = (chains, x.shape[0])
 
     def _particles(self, fn):
-        return pyro.plate(PARTICLE_PLATE, self.chains, dim=self.particle_dim)(fn)
+        return _particle_plate(self.chains, self.particle_dim)(fn)
 
     def terms(self, state: Tensor) -> Tuple[Tensor, Tensor]:
         """``(log q0(z(u)) + log|J(u)|, f(z(u)))``, each ``[C, B]``, differentiable in ``state``."""
@@ -409,7 +408,7 @@ def _draw_initial(model, guide, x, kwargs, chains, particle_dim) -> Tuple[dict, 
     prior given them. Draws in the order ``inference.logweights.compute_log_weights`` does."""
 
     def particles(fn):
-        return pyro.plate(PARTICLE_PLATE, chains, dim=particle_dim)(fn)
+        return _particle_plate(chains, particle_dim)(fn)
 
     if guide is None:
         return poutine.trace(particles(model)).get_trace(x, **kwargs), set()

@@ -42,7 +42,7 @@ from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor, nn
 
 from inference.config import GuideConfig
-from models.base import DATA_PLATE, DGMError, GenerativeModel
+from models.base import DATA_PLATE, DGMError, GenerativeModel, IndexedPlate
 from models.registry import Registry
 
 LOCAL_STEP_SIZE = 0.3
@@ -222,7 +222,7 @@ class LocalGuide(Guide):
                     f"{x.shape[0]} without dataset indices idx"
                 )
             idx = torch.arange(self.num_data, device=x.device)
-        with pyro.plate(DATA_PLATE, size or self.num_data, subsample=idx, dim=-1):
+        with IndexedPlate(DATA_PLATE, size or self.num_data, dim=-1, subsample=idx):
             for s in self.sites.values():
                 pyro.sample(s.name, self._dist(s, idx))
 

@@ -43,14 +43,12 @@ from typing import Callable, Dict, Optional, Tuple
 
 import pyro.poutine as poutine
 import torch
-from pyro.poutine.indep_messenger import IndepMessenger
 from pyro.poutine.messenger import Messenger
-from pyro.poutine.plate_messenger import PlateMessenger
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 from torch.distributions import kl_divergence
 
-from models.base import DATA_PLATE, DGMError
+from models.base import DATA_PLATE, DGMError, IndexedPlate
 
 PARTICLE_PLATE = "particles"
 
@@ -92,20 +90,10 @@ class LogWeights:
             )
 
 
-class _ParticlePlate(PlateMessenger):
-    """``pyro.plate(PARTICLE_PLATE, size, dim=dim)`` without the subsample site.
-
-    Built, ``pyro.plate`` sends a ``_Subsample`` site through the handler stack (a
-    distribution, a ``torch.arange`` and a message per plate), which a plate that never
-    subsamples has no use for; built twice per step, that cost about 0.1-0.2 ms of a
-    K = 1 step of the benchmark VAE, 1-2 % of its time (``benchmarks/svi_step.py``,
-    issue 15). The sites see the same frame (size and full size K, scale factor 1), the
-    same broadcast and the same random draws: values and gradients are unchanged.
-    """
-
-    def __init__(self, size: int, dim: int):
-        IndepMessenger.__init__(self, PARTICLE_PLATE, size, dim)  # skips SubsampleMessenger's site
-        self.subsample_size = size
+def _particle_plate(size: int, dim: int) -> IndexedPlate:
+    """``pyro.plate(PARTICLE_PLATE, size, dim=dim)`` without the subsample site (see
+    ``IndexedPlate``): the sites see the same frame, broadcast and random draws."""
+    return IndexedPlate(PARTICLE_PLATE, size, dim)
 
 
 class _DetachSamples(Messenger):
@@ -277,7 +265,7 @@ def compute_log_weights(
     def particles(fn, skip=()):
         if share:
             fn = _ShareGlobals(global_draws, num_particles, particle_dim, fixed_globals, force_score_function, skip)(fn)
-        return _ParticlePlate(num_particles, particle_dim)(fn)
+        return _particle_plate(num_particles, particle_dim)(fn)
 
     if guide is None:
         guide_trace = None
@@ -398,7 +386,7 @@ def draw_globals(
     particle_dim = -(max_plate_nesting + 1)
 
     def particles(fn, skip=()):
-        return _ParticlePlate(1, particle_dim)(_ShareGlobals(1, 1, particle_dim, skip=skip)(fn))
+        return _particle_plate(1, particle_dim)(_ShareGlobals(1, 1, particle_dim, skip=skip)(fn))
 
     if guide is None:
         model_trace = poutine.trace(particles(model)).get_trace(*args, **kwargs)

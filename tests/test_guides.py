@@ -66,7 +66,8 @@ def test_the_local_guide_has_one_row_per_datapoint_and_reads_the_rows_of_idx():
     q = trace.nodes["z"]["fn"].base_dist
     torch.testing.assert_close(q.loc, loc[idx], rtol=0, atol=0)
     torch.testing.assert_close(q.scale, scale[idx], rtol=1e-6, atol=1e-5)  # + the 1e-5 floor
-    assert trace.nodes["data"]["value"].tolist() == [7, 2, 4] and trace.nodes["z"]["scale"] == N / 3
+    frame = next(f for f in trace.nodes["z"]["cond_indep_stack"] if f.name == "data")
+    assert (frame.size, frame.full_size) == (3, N) and trace.nodes["z"]["scale"] == N / 3
     with pytest.raises(DGMError, match="without dataset indices"):
         guide(x[:3])
 
