@@ -74,10 +74,7 @@ class StandardNormal(dist.Independent):
 
     def log_prob(self, value: Tensor) -> Tensor:
         # Normal(0, 1).log_prob's arithmetic without its exact no-ops (- 0, / 1, - log 1)
-        lp = (-(value**2) / 2 - LOG_SQRT_2PI).sum(-1)
-        if lp.shape != self.batch_shape:
-            lp = lp.expand(torch.broadcast_shapes(lp.shape, self.batch_shape))
-        return lp
+        return _broadcast_to_batch((-(value**2) / 2 - LOG_SQRT_2PI).sum(-1), self.batch_shape)
 
 
 @register_kl(DiagonalNormal, StandardNormal)
@@ -85,10 +82,12 @@ def _kl_diagonal_standard(q: DiagonalNormal, p: StandardNormal) -> Tensor:
     """``KL(N(m, diag(s^2)) || N(0, I)) = sum_j (s_j^2 + m_j^2 - 1 - log s_j^2) / 2``, in the
     arithmetic of torch's Normal-Normal KL (without its exact no-ops)."""
     var_ratio, t1 = q.scale.pow(2), q.loc.pow(2)
-    kl = (0.5 * (var_ratio + t1 - 1 - var_ratio.log())).sum(-1)
-    if kl.shape != p.batch_shape:
-        kl = kl.expand(torch.broadcast_shapes(kl.shape, p.batch_shape))
-    return kl
+    return _broadcast_to_batch((0.5 * (var_ratio + t1 - 1 - var_ratio.log())).sum(-1), p.batch_shape)
+
+
+def _broadcast_to_batch(t: Tensor, batch_shape: torch.Size) -> Tensor:
+    """``t`` broadcast against a batch shape, as ``Normal``'s parameters broadcast its results."""
+    return t if t.shape == batch_shape else t.expand(torch.broadcast_shapes(t.shape, batch_shape))
 
 
 def standard_normal(like: Tensor, dim: int) -> StandardNormal:
