@@ -5,7 +5,9 @@ Why interleaved: on a shared or loaded machine the speed of the CPU drifts over 
 minute puts that drift into the ratio. Here every contender runs one block of ``steps``
 calls in turn (A, B, C, A, B, C, ... for ``rounds`` rounds, after a warm-up), so each
 round's blocks see nearly the same machine, and the reported ratio is the ratio of the
-per-round medians, with the min-max of the paired per-round ratios as its spread.
+per-round medians, with the min-max of the paired per-round ratios as its spread. Every other
+round runs the contenders in reverse order (A, B, C, C, B, A, ...), so that no contender always
+runs right after the same other one (whose leftover cache and heap state it would inherit).
 
 Garbage: ``gc.collect()`` runs before every block, outside the timer, so that one
 contender's leftover cyclic garbage is not collected on another's clock; the automatic
@@ -51,7 +53,8 @@ def interleaved(
 ) -> Dict[str, List[float]]:
     """Time ``contenders`` round-robin; return each one's per-round mean seconds per call.
 
-    ``steps`` is the number of calls per block, or a dict of them per contender (a slow
+    Even rounds run the contenders in the dict's order, odd rounds in reverse (see the module
+    docstring). ``steps`` is the number of calls per block, or a dict of them per contender (a slow
     reference may get fewer calls per block; its time is still per call). ``clock`` is wall
     time by default; ``time.process_time`` gives this process's CPU time (user + system).
     """
@@ -60,8 +63,10 @@ def interleaved(
         for _ in range(warmup):
             fn()
     out: Dict[str, List[float]] = {name: [] for name in contenders}
-    for _ in range(rounds):
-        for name, fn in contenders.items():
+    order = list(contenders)
+    for r in range(rounds):
+        for name in order if r % 2 == 0 else order[::-1]:
+            fn = contenders[name]
             gc.collect()
             n = steps[name]
             t0 = clock()
@@ -69,6 +74,57 @@ def interleaved(
                 fn()
             out[name].append((clock() - t0) / n)
     return out
+
+
+class PageFaults:
+    """Minor page faults of this process, attributed to whichever contender ran:
+    ``wrapped`` holds the contenders, each counting its faults (``getrusage``) per call."""
+
+    def __init__(self, contenders: Dict[str, Callable[[], object]]):
+        self.faults = {name: 0 for name in contenders}
+        self.calls = {name: 0 for name in contenders}
+        self.wrapped = {name: self._wrap(name, fn) for name, fn in contenders.items()}
+
+    def _wrap(self, name: str, fn: Callable[[], object]) -> Callable[[], None]:
+        def call():
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            fn()
+            self.faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+            self.calls[name] += 1
+
+        return call
+
+    def per_call(self, name: str) -> float:
+        return self.faults[name] / max(self.calls[name], 1)
+
+
+PINNED_MALLOC_BYTES = 1 << 30
+
+
+def pin_malloc() -> Optional[str]:
+    """Stop glibc's malloc from handing freed memory back to the kernel in this process: a
+    fixed ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` of 1 GiB (``mallopt``; a fixed value
+    also turns off glibc's dynamic threshold). Without it, whether the top of the heap is
+    trimmed after a call depends on where small allocations happen to sit, and the next call
+    pays a page fault for every 4 KiB of its large tensors again: in the AIS benchmark single
+    rounds took 0 to 254,000 faults (~1 GB), 0.3-0.5 s on a 2.6 s block, landing on either
+    contender by chance. Pinned, freed memory stays in the heap, and once the heap holds chunks
+    of the sizes a computation frees and asks for again (after a warm-up) its large tensors are
+    carved from pages already faulted in: in that benchmark 0-300 faults per estimate. (It is
+    not a cure for every pattern: torch allocates with ``posix_memalign``, whose small leftover
+    chunks can fence a freed block off from the next request, which then grows the heap.)
+    Process-wide and not undone: call it only in a process that times nothing else
+    afterwards. Returns what was set, or None where this is not glibc."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return None
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    if not (mallopt(m_mmap_threshold, PINNED_MALLOC_BYTES) and mallopt(m_trim_threshold, PINNED_MALLOC_BYTES)):
+        return None
+    return f"glibc malloc pinned: M_MMAP_THRESHOLD = M_TRIM_THRESHOLD = {PINNED_MALLOC_BYTES >> 20} MiB"
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,6 @@ import contextlib
 import copy
 import gc
 import os
-import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -48,7 +47,7 @@ import torch
 from torch import Tensor
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.common import Row, Target, format_table, interleaved, set_threads, time_rows
+from benchmarks.common import PageFaults, Row, Target, format_table, interleaved, set_threads, time_rows
 from inference.objectives import ELBO
 from models.autoregressive.nade import NADE, NADEConfig
 from models.base import DataSpec
@@ -190,27 +189,6 @@ def _quiet_stderr():
         os.close(saved)
 
 
-class _Faults:
-    """Minor page faults of this process, attributed to whichever contender ran."""
-
-    def __init__(self, contenders: Dict[str, Callable[[], None]]):
-        self.faults = {name: 0 for name in contenders}
-        self.calls = {name: 0 for name in contenders}
-        self.wrapped = {name: self._wrap(name, fn) for name, fn in contenders.items()}
-
-    def _wrap(self, name, fn):
-        def call():
-            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            fn()
-            self.faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-            self.calls[name] += 1
-
-        return call
-
-    def per_call(self, name: str) -> float:
-        return self.faults[name] / max(self.calls[name], 1)
-
-
 def run(cfg: NADEBenchConfig, log=print) -> List[Row]:
     check_same(cfg, log)
     ours_m = build(cfg, cfg.dim, cfg.hidden)
@@ -221,7 +199,7 @@ def run(cfg: NADEBenchConfig, log=print) -> List[Row]:
         step()
     tensor_bytes = cfg.batch * cfg.dim * cfg.hidden * x.element_size()
     alloc = {name: bytes_allocated(step) for name, step in contenders.items()}
-    faults = _Faults(contenders)
+    faults = PageFaults(contenders)
     cpu = interleaved(faults.wrapped, rounds=cfg.rounds, steps=cfg.steps, warmup=0, clock=time.process_time)
     log(
         f"nade: B = {cfg.batch}, D = {cfg.dim}, H = {cfg.hidden}, float32, {cfg.rounds} rounds x {cfg.steps} steps; "
