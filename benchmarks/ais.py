@@ -14,15 +14,17 @@ Contenders (timed interleaved, one estimate of the B points per block):
   ...))``), which builds its target from the Pyro program: one conditioned model trace
   under a particle plate per leapfrog step.
 
-Allocator: the timed part runs with glibc's malloc pinned (``benchmarks.common.pin_malloc``)
-and prints each contender's minor page faults per estimate. Unpinned, glibc trims the heap
-after some calls and not others, depending on where small allocations happen to sit, and the
-next call faults its large tensors in again: measured on 2026-12-07 (8 rounds, T = 10), rounds
-in which ours took 120,000-254,000 faults ran at 0.82-0.88 of raw, the others at 0.95-0.99, and
-in another run of the same script both took tens of thousands per round (raw 29,000-47,000,
-ours 0-70,000). Pinned, neither faults and the
-rounds measure the two programs' work. ``python -m benchmarks.ais --malloc default`` times
-without pinning.
+Allocator: the contenders are timed twice, each time with the minor page faults of every
+estimate counted. First with malloc as the platform sets it (glibc: dynamic mmap threshold,
+heap trimming on): glibc hands the top of the heap back to the kernel after some calls and not
+others, depending on where the small allocations of the moment sit, and the next call faults
+its large tensors in again. On 2026-12-07 ours took 2-5 times as many faults as raw in most
+runs (e.g. 170,694 against 36,171 per estimate), in single rounds up to 254,000 (~1 GB), and
+such rounds ran at 0.82-0.88 of raw against 0.95-0.99 for the rest; which allocation of ours
+tips the heap is not known. Then with glibc's malloc pinned (``benchmarks.common.pin_malloc``:
+freed memory stays in the heap), where neither contender faults after warm-up and the ratio
+measures the two programs' work. Both rows carry the target. ``--malloc default`` (``python
+-m benchmarks.ais``) skips the pinned rounds.
 
 Fairness check, before timing: both are run from the same seed on a float64 copy of the
 model and data. They draw the same random numbers in the same order (``z_0``, then per
@@ -76,8 +78,8 @@ class AISConfig:
     steps: int = 10
     chains: int = 16
     leapfrog: int = 10
-    rounds: int = 12  # short blocks, many rounds: a shared machine's drift is +-10% between blocks
-    pin_malloc: bool = True  # see benchmarks.common.pin_malloc; --malloc default turns it off
+    rounds: int = 10  # per allocator; short blocks, many rounds: a shared machine drifts +-10% between blocks
+    pin_malloc: bool = True  # the second set of rounds (benchmarks.common.pin_malloc); --malloc default: none
     check_batch: int = 10  # the float64 same-stream check
     check_steps: int = 20
     memory_batch: int = 8
@@ -87,7 +89,7 @@ class AISConfig:
 
     @classmethod
     def quick(cls) -> "AISConfig":
-        return cls(steps=5, rounds=6, check_batch=5, check_steps=10)  # the same transitions, fewer of them
+        return cls(steps=5, rounds=5, check_batch=5, check_steps=10)  # the same transitions, fewer of them
 
 
 def ours_estimator(model, steps: int, chains: int, leapfrog: int):
@@ -118,8 +120,6 @@ def check_same(cfg: AISConfig, log) -> None:
 
 
 def bench_throughput(cfg: AISConfig, log) -> List[Row]:
-    pinned = pin_malloc() if cfg.pin_malloc else None
-    log(f"ais: {pinned or 'malloc as the platform sets it (glibc: dynamic thresholds, trimming on)'}")
     check_same(cfg, log)
     model = build_vae(cfg.seed)
     x = make_data(cfg.batch, cfg.seed)
@@ -129,17 +129,32 @@ def bench_throughput(cfg: AISConfig, log) -> List[Row]:
     torch.manual_seed(cfg.seed + 8)
     b = raw_ais(model, x, cfg.steps, cfg.chains, cfg.leapfrog)
     log(
-        f"ais: B = {cfg.batch}, T = {cfg.steps}, C = {cfg.chains}, L = {cfg.leapfrog}, {cfg.rounds} rounds; "
-        f"float32, same seed: ours and raw differ by up to {(a - b).abs().max().item():.1e} nats "
+        f"ais: B = {cfg.batch}, T = {cfg.steps}, C = {cfg.chains}, L = {cfg.leapfrog}, {cfg.rounds} rounds per "
+        f"allocator; float32, same seed: ours and raw differ by up to {(a - b).abs().max().item():.1e} nats "
         f"(summation order; mean log p(x) {a.mean().item():.3f})"
     )
     contenders = {
         "raw": lambda: raw_ais(model, x, cfg.steps, cfg.chains, cfg.leapfrog),
         "ours": lambda: ours(x),
     }
+    rows = _timed(cfg, contenders, "malloc default", log)  # first: pinning cannot be undone
+    pinned = pin_malloc() if cfg.pin_malloc else None
+    if pinned:
+        log(f"ais: {pinned}")
+        rows += _timed(cfg, contenders, "malloc pinned", log)
+    else:
+        log("ais: no pinned rounds (--malloc default, or not glibc)")
+    return rows
+
+
+def _timed(cfg: AISConfig, contenders: dict, allocator: str, log) -> List[Row]:
+    """``cfg.rounds`` interleaved rounds of the contenders, as rows (points/s) labelled with ``allocator``."""
     faults = PageFaults(contenders)
     t = interleaved(faults.wrapped, rounds=cfg.rounds, steps=1, warmup=0)  # the checks warmed both up
-    log("ais: minor page faults per estimate: " + ", ".join(f"{n} {faults.per_call(n):,.0f}" for n in contenders))
+    log(
+        f"ais, {allocator}: minor page faults per estimate: "
+        + ", ".join(f"{n} {faults.per_call(n):,.0f}" for n in contenders)
+    )
     rates = {name: [cfg.batch / s for s in times] for name, times in t.items()}
     med = {name: _median(r) for name, r in rates.items()}
     rows = []
@@ -147,14 +162,16 @@ def bench_throughput(cfg: AISConfig, log) -> List[Row]:
         paired = [a / b for a, b in zip(rates[name], rates["raw"])]
         rows.append(
             Row(
-                f"AIS log p(x) T={cfg.steps} C={cfg.chains} L={cfg.leapfrog} B={cfg.batch}",
+                f"AIS log p(x) T={cfg.steps} C={cfg.chains} L={cfg.leapfrog} B={cfg.batch}, {allocator}",
                 name,
                 med[name],
                 "points/s",
                 ratio=med[name] / med["raw"],
                 spread=(min(paired), max(paired)) if name != "raw" else None,
                 target=Target(">=", TARGET_THROUGHPUT) if name == "ours" else None,
-                note="throughput ratio, higher is better" if name == "ours" else "",
+                note=f"throughput ratio, higher is better; {faults.per_call(name):,.0f} page faults per estimate"
+                if name == "ours"
+                else f"{faults.per_call(name):,.0f} page faults per estimate",
             )
         )
     return rows
@@ -216,7 +233,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         "--malloc",
         choices=("pinned", "default"),
         default="pinned",
-        help="pinned: glibc keeps freed memory for the timed part (benchmarks.common.pin_malloc); default: as is",
+        help="pinned (default): after the rounds with malloc as it is, more rounds with glibc's malloc pinned "
+        "(benchmarks.common.pin_malloc); default: only the former",
     )
     p.add_argument("--memory-child", type=int, default=None, metavar="T", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=8, help=argparse.SUPPRESS)

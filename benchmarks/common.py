@@ -107,12 +107,13 @@ def pin_malloc() -> Optional[str]:
     also turns off glibc's dynamic threshold). Without it, whether the top of the heap is
     trimmed after a call depends on where small allocations happen to sit, and the next call
     pays a page fault for every 4 KiB of its large tensors again: in the AIS benchmark single
-    rounds took 0 to 254,000 faults (~1 GB), 0.3-0.5 s on a 2.6 s block, landing on either
-    contender by chance. Pinned, freed memory stays in the heap, and once the heap holds chunks
-    of the sizes a computation frees and asks for again (after a warm-up) its large tensors are
-    carved from pages already faulted in: in that benchmark 0-300 faults per estimate. (It is
-    not a cure for every pattern: torch allocates with ``posix_memalign``, whose small leftover
-    chunks can fence a freed block off from the next request, which then grows the heap.)
+    rounds took 0 to 254,000 faults (~1 GB), 0.3-0.5 s on a 2.6 s block. Pinned, freed memory
+    stays in the heap, and once the heap holds chunks of the sizes a computation frees and asks
+    for again (after a warm-up) its large tensors are carved from pages already faulted in: in
+    that benchmark 0-440 faults per estimate. It is not a cure for every pattern, and not a
+    setting for the suite itself: torch allocates with ``posix_memalign``, whose small leftover
+    chunks can fence a freed block off from the next request, which then grows the heap (twelve
+    64 MiB tensors allocated and freed in turn left 349 MiB of RSS pinned, 221 MiB not).
     Process-wide and not undone: call it only in a process that times nothing else
     afterwards. Returns what was set, or None where this is not glibc."""
     import ctypes
