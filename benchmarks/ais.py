@@ -23,8 +23,8 @@ runs (e.g. 170,694 against 36,171 per estimate), in single rounds up to 254,000 
 such rounds ran at 0.82-0.88 of raw against 0.95-0.99 for the rest; which allocation of ours
 tips the heap is not known. Then with glibc's malloc pinned (``benchmarks.common.pin_malloc``:
 freed memory stays in the heap), where neither contender faults after warm-up and the ratio
-measures the two programs' work. Both rows carry the target. ``--malloc default`` (``python
--m benchmarks.ais``) skips the pinned rounds.
+measures the two programs' work. Both rows carry the target. ``--malloc default`` (``python -m
+benchmarks.ais``) skips the pinned rounds.
 
 Fairness check, before timing: both are run from the same seed on a float64 copy of the
 model and data. They draw the same random numbers in the same order (``z_0``, then per

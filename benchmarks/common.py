@@ -98,23 +98,22 @@ class PageFaults:
         return self.faults[name] / max(self.calls[name], 1)
 
 
-PINNED_MALLOC_BYTES = 1 << 30
+PINNED_MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for its dynamic threshold: larger blocks still unmap
+PINNED_TRIM_THRESHOLD = 256 << 20  # at most this much freed memory is kept at the top of the heap
 
 
 def pin_malloc() -> Optional[str]:
-    """Stop glibc's malloc from handing freed memory back to the kernel in this process: a
-    fixed ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` of 1 GiB (``mallopt``; a fixed value
-    also turns off glibc's dynamic threshold). Without it, whether the top of the heap is
-    trimmed after a call depends on where small allocations happen to sit, and the next call
-    pays a page fault for every 4 KiB of its large tensors again: in the AIS benchmark single
-    rounds took 0 to 254,000 faults (~1 GB), 0.3-0.5 s on a 2.6 s block. Pinned, freed memory
-    stays in the heap, and once the heap holds chunks of the sizes a computation frees and asks
-    for again (after a warm-up) its large tensors are carved from pages already faulted in: in
-    that benchmark 0-440 faults per estimate. It is not a cure for every pattern, and not a
-    setting for the suite itself: torch allocates with ``posix_memalign``, whose small leftover
-    chunks can fence a freed block off from the next request, which then grows the heap (twelve
-    64 MiB tensors allocated and freed in turn left 349 MiB of RSS pinned, 221 MiB not).
-    Process-wide and not undone: call it only in a process that times nothing else
+    """Stop glibc's malloc from handing freed memory back to the kernel after every few calls:
+    ``M_MMAP_THRESHOLD`` fixed at 32 MiB (the ceiling of glibc's dynamic threshold, so larger
+    blocks are still mapped and unmapped on their own) and ``M_TRIM_THRESHOLD`` at 256 MiB
+    (``mallopt``; ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=268435456`` in the
+    environment do the same for any program). With glibc's dynamic defaults the trim threshold
+    is twice the largest block freed so far (~10 MB for 5 MB tensors), so the heap's top goes
+    back to the kernel whenever a call's frees leave that much free there, and the next call
+    pays a page fault for every 4 KiB of its tensors again: in the AIS benchmark up to 254,000
+    faults (~1 GB) in one round, 0.3-0.5 s on a 2.6 s block; pinned, 0-600 per estimate.
+    Twelve 64 MiB tensors allocated and freed in turn leave the same RSS pinned as not
+    (221 MiB). Process-wide and not undone: call it only in a process that times nothing else
     afterwards. Returns what was set, or None where this is not glibc."""
     import ctypes
 
@@ -123,9 +122,12 @@ def pin_malloc() -> Optional[str]:
     except (OSError, AttributeError):
         return None
     m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
-    if not (mallopt(m_mmap_threshold, PINNED_MALLOC_BYTES) and mallopt(m_trim_threshold, PINNED_MALLOC_BYTES)):
+    if not (mallopt(m_mmap_threshold, PINNED_MMAP_THRESHOLD) and mallopt(m_trim_threshold, PINNED_TRIM_THRESHOLD)):
         return None
-    return f"glibc malloc pinned: M_MMAP_THRESHOLD = M_TRIM_THRESHOLD = {PINNED_MALLOC_BYTES >> 20} MiB"
+    return (
+        f"glibc malloc pinned: M_MMAP_THRESHOLD {PINNED_MMAP_THRESHOLD >> 20} MiB, "
+        f"M_TRIM_THRESHOLD {PINNED_TRIM_THRESHOLD >> 20} MiB"
+    )
 
 
 @dataclass(frozen=True)

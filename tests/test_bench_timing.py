@@ -1,6 +1,7 @@
 """The timing helpers every benchmark shares (``benchmarks.common``): the round order of
 ``interleaved``, the page faults ``PageFaults`` attributes to each contender, and what
-``pin_malloc`` changes (in a fresh process: it is process-wide and cannot be undone)."""
+``pin_malloc`` changes (in a fresh process: it is process-wide and
+cannot be undone)."""
 
 import subprocess
 import sys
@@ -53,12 +54,14 @@ PROBE = textwrap.dedent(
         assert pin_malloc() is not None
     libc = ctypes.CDLL(None)
     libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
-    n, faults = 64 << 20, []  # above glibc's largest dynamic mmap threshold (32 MiB)
-    for _ in range(4):
+    n, faults = 16 << 20, []
+    for _ in range(4):  # three 16 MiB blocks at a time, as a forward pass would hold its activations
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        p = libc.malloc(n)
-        ctypes.memset(p, 1, n)
-        libc.free(p)
+        blocks = [libc.malloc(n) for _ in range(3)]
+        for p in blocks:
+            ctypes.memset(p, 1, n)
+        for p in blocks:
+            libc.free(p)
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     print(min(faults[1:]))
     """
@@ -67,11 +70,12 @@ PROBE = textwrap.dedent(
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_pin_malloc_keeps_freed_memory_for_the_next_call():
-    pages = (64 << 20) // 4096
+    pages = 3 * (16 << 20) // 4096
 
     def faults(mode):
         out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True)
         return int(out.stdout.split()[-1])
 
-    assert faults("default") > 0.9 * pages  # unmapped at every free, faulted in again by the next call
+    # glibc's dynamic trim threshold (twice the largest block freed, 32 MiB) hands the 48 MiB back
+    assert faults("default") > 0.6 * pages
     assert faults("pinned") < 0.05 * pages  # kept by malloc and handed out again
