@@ -108,10 +108,10 @@ def pin_malloc() -> Optional[str]:
     blocks are still mapped and unmapped on their own) and ``M_TRIM_THRESHOLD`` at 256 MiB
     (``mallopt``; ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=268435456`` in the
     environment do the same for any program). With glibc's dynamic defaults the trim threshold
-    is twice the largest block freed so far (~10 MB for 5 MB tensors), so the heap's top goes
+    is twice the largest mapped block freed so far (~10 MB for 5 MB tensors), so the heap's top goes
     back to the kernel whenever a call's frees leave that much free there, and the next call
     pays a page fault for every 4 KiB of its tensors again: in the AIS benchmark up to 254,000
-    faults (~1 GB) in one round, 0.3-0.5 s on a 2.6 s block; pinned, 0-600 per estimate.
+    faults (~1 GB) in one round, 0.3-0.5 s on a 2.6 s block; pinned, under 1,000 per estimate.
     Twelve 64 MiB tensors allocated and freed in turn leave the same RSS pinned as not
     (221 MiB). Process-wide and not undone: call it only in a process that times nothing else
     afterwards. Returns what was set, or None where this is not glibc."""
