@@ -3,11 +3,11 @@
 Why interleaved: on a shared or loaded machine the speed of the CPU drifts over seconds
 (other jobs, frequency scaling, caches). Timing contender A for a minute and then B for a
 minute puts that drift into the ratio. Here every contender runs one block of ``steps``
-calls in turn (A, B, C, A, B, C, ... for ``rounds`` rounds, after a warm-up), so each
-round's blocks see nearly the same machine, and the reported ratio is the ratio of the
-per-round medians, with the min-max of the paired per-round ratios as its spread. Every other
-round runs the contenders in reverse order (A, B, C, C, B, A, ...), so that no contender always
-runs right after the same other one (whose leftover cache and heap state it would inherit).
+calls in turn, every other round in reverse order (A, B, C, C, B, A, ... for ``rounds``
+rounds, after a warm-up), so each round's blocks see nearly the same machine and no
+contender always runs right after the same other one (whose leftover cache and heap state it
+would inherit). The reported ratio is the ratio of the per-round medians, with the min-max of
+the paired per-round ratios as its spread.
 
 Garbage: ``gc.collect()`` runs before every block, outside the timer, so that one
 contender's leftover cyclic garbage is not collected on another's clock; the automatic

@@ -1,7 +1,6 @@
 """The timing helpers every benchmark shares (``benchmarks.common``): the round order of
 ``interleaved``, the page faults ``PageFaults`` attributes to each contender, and what
-``pin_malloc`` changes (in a fresh process: it is process-wide and
-cannot be undone)."""
+``pin_malloc`` changes (in a fresh process: it is process-wide and cannot be undone)."""
 
 import subprocess
 import sys
@@ -9,7 +8,7 @@ import textwrap
 
 import pytest
 
-from benchmarks.common import PageFaults, interleaved
+from benchmarks.common import REPO, PageFaults, interleaved
 
 
 def test_interleaved_reverses_the_order_every_other_round():
@@ -73,7 +72,8 @@ def test_pin_malloc_keeps_freed_memory_for_the_next_call():
     pages = 3 * (16 << 20) // 4096
 
     def faults(mode):
-        out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True)
+        cmd = [sys.executable, "-c", PROBE, mode]
+        out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True)  # imports benchmarks
         return int(out.stdout.split()[-1])
 
     # glibc's dynamic trim threshold (twice the largest block freed, 32 MiB) hands the 48 MiB back
