@@ -79,6 +79,7 @@ def raw_ais(
     leapfrog: int,
     step_size: float = 0.01,
     adapt: bool = True,
+    autograd_prior: bool = False,
 ) -> Tensor:
     """AIS with HMC from the prior of ``model`` (a Bernoulli ``VAE``), written out: ``log p(x)``
     ``[B]`` (float64). Chains ``z [C, B, L]``, ``f(z) = log p(x | z)``, ``base(z) = log N(z; 0, I)``,
@@ -86,24 +87,37 @@ def raw_ais(
     transitions; HMC with ``L`` leapfrog steps, identity mass, one step size per datapoint
     adapted toward 65% acceptance (x1.02 / x0.98, clipped to [1e-4, 0.5]). The random numbers
     are drawn in the order ``inference.ais`` draws them: ``z_0``, then per transition the
-    momenta ``randn [C, B, L]`` and the uniforms ``rand [C, B]`` (float64)."""
+    momenta ``randn [C, B, L]`` and the uniforms ``rand [C, B]`` (float64).
+
+    The prior's gradient is ``-z`` in closed form; ``autograd_prior=True`` takes it by autograd
+    instead, as a target built from a program must (``inference.ais``): the same numbers, a
+    few more ``[C, B, L]`` temporaries per evaluation (what ``benchmarks.ais`` uses to show
+    how glibc's heap trimming reacts to them)."""
     b, dim = x.shape[0], model.config.latent_dim
     betas = raw_sigmoid_schedule(steps)
 
-    def parts(z: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """``(base, f, d f / dz)`` at ``z``."""
+    def parts(z: Tensor) -> Tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
+        """``(base, f, d base / dz, d f / dz)`` at ``z``; ``d base / dz`` is None in closed form."""
+        g_base = None
         with torch.enable_grad():
             z = z.detach().requires_grad_(True)
             logits = model.decoder(z)
             f = -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum(-1)
+            if autograd_prior:
+                base = (-0.5 * z * z - HALF_LOG_2PI).sum(-1)
+                (g_base,) = torch.autograd.grad(base.sum(), z)
             (g_f,) = torch.autograd.grad(f.sum(), z)
-        base = (-0.5 * z * z - HALF_LOG_2PI).sum(-1).detach()
-        return base, f.detach(), g_f
+        if not autograd_prior:
+            base = (-0.5 * z * z - HALF_LOG_2PI).sum(-1)
+        return base.detach(), f.detach(), g_base, g_f
+
+    def prior_grad(z: Tensor, g_base: Optional[Tensor]) -> Tensor:
+        return -z if g_base is None else g_base
 
     with torch.no_grad():
         zeros = x.new_zeros(chains, b, dim)
         z = torch.normal(zeros, torch.ones_like(zeros))
-        base, f, g_f = parts(z)
+        base, f, g_base, g_f = parts(z)
         log_w = torch.zeros(chains, b, dtype=torch.float64)
         eps = torch.full((b,), step_size, dtype=torch.float64)
         for t in range(1, steps + 1):
@@ -113,12 +127,12 @@ def raw_ais(
                 break
             e = eps.to(z.dtype).view(1, -1, 1)
             p0 = torch.randn_like(z)
-            p = p0 + 0.5 * e * (-z + beta * g_f)
+            p = p0 + 0.5 * e * (prior_grad(z, g_base) + beta * g_f)
             q = z
             for i in range(leapfrog):
                 q = q + e * p
-                base_new, f_new, g_f_new = parts(q)
-                grad = -q + beta * g_f_new
+                base_new, f_new, g_base_new, g_f_new = parts(q)
+                grad = prior_grad(q, g_base_new) + beta * g_f_new
                 p = p + (e if i < leapfrog - 1 else 0.5 * e) * grad
             h0 = (base + beta * f).double() - 0.5 * p0.double().pow(2).sum(-1)
             h1 = (base_new + beta * f_new).double() - 0.5 * p.double().pow(2).sum(-1)
@@ -128,6 +142,8 @@ def raw_ais(
             keep = accepted.unsqueeze(-1)
             z, g_f = torch.where(keep, q, z), torch.where(keep, g_f_new, g_f)
             base, f = torch.where(accepted, base_new, base), torch.where(accepted, f_new, f)
+            if autograd_prior:
+                g_base = torch.where(keep, g_base_new, g_base)
             if adapt:
                 rate = accepted.double().mean(0)
                 eps = (eps * torch.where(rate > 0.65, 1.02, 0.98).double()).clamp(1e-4, 0.5)
