@@ -31,14 +31,14 @@ estimate (115 MiB handed back), raw-autograd-prior 38.0 and 18.0, ours 31.3 and 
 546 MiB); pinned, none.
 
 Taking only the prior's gradient by autograd (``raw-autograd-prior``) is enough to make raw
-trim 1.8-3.8 times as often and fault about twice as often (in two full runs 91,516 and
-134,875 faults an estimate against raw's 44,886 and 55,149; ours 177,466 and 179,134). With
-malloc as it is, ours ran at 0.852 and 0.856 of raw (raw-autograd-prior 0.938 and 0.914);
-pinned, none of the three faulted after warm-up, and ours ran at 1.003 and 0.954
-(raw-autograd-prior 1.018 and 0.987). So with glibc's defaults the ratio measures how the
-allocator reacts to a generic target's allocations more than the work done, and the target
-sits on the rounds with glibc's malloc pinned (``benchmarks.common.pin_malloc``: freed memory
-stays in the heap), where the ratio measures the programs' work. ``--malloc default``
+trim 1.8-3.8 times as often and fault 2.0-2.9 times as often (four full runs on 2026-12-07;
+e.g. 91,516 faults an estimate against raw's 44,886, ours 177,466). With malloc as it is, ours
+ran at 0.773-0.856 of raw (raw-autograd-prior 0.887-0.946); pinned, none of the three faulted
+after warm-up, and ours ran at 0.885-1.003, median 0.961 (raw-autograd-prior 0.987-1.018).
+So with glibc's defaults the ratio measures how the allocator reacts to a generic target's
+allocations more than the work done, and the target sits on the rounds with glibc's malloc
+pinned (``benchmarks.common.pin_malloc``: freed memory stays in the heap), where the ratio
+measures the programs' work. ``--malloc default``
 (``python -m benchmarks.ais``), or a platform where malloc cannot be pinned, times only the
 first set, and that row carries the target.
 
