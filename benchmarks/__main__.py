@@ -29,7 +29,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "--only",
         choices=("svi", "estimator", "nade", "startup", "sampling", "wavenet", "ais", "objectives"),
         default=None,
-        help="one benchmark (ais and objectives run only when named: ~3 min / ~65 s with --quick; ~1 min)",
+        help="one benchmark (ais and objectives run only when named: ~4.5 min / ~90 s with --quick; ~1 min)",
     )
     args = p.parse_args(argv)
 
